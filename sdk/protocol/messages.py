@@ -1,0 +1,299 @@
+"""JSON message schemas of the wire contract, validated field by field.
+
+Every message that crosses the broker is untrusted. ``decode(kind, payload)`` turns raw bytes
+into a frozen dataclass or raises :class:`ProtocolError` saying which field is wrong and why.
+Hand-written on purpose: the agent must run with numpy, paho-mqtt and a TFLite runtime only,
+so the contract cannot depend on pydantic (the server still uses pydantic for its HTTP API).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from . import histogram
+from .errors import ProtocolError
+from .topics import DeviceTopic, valid_id
+
+#: Largest JSON control/telemetry message accepted (bytes).
+MAX_JSON_BYTES = 64 * 1024
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+AGENT_STATES = (
+    "idle",
+    "downloading",
+    "verifying",
+    "smoke_testing",
+    "active",
+    "failed",
+)
+
+
+def _check(cond: bool, kind: str, name: str, why: str) -> None:
+    if not cond:
+        raise ProtocolError(f"{kind} message: field {name!r} {why}")
+
+
+class _Reader:
+    """Reads typed fields out of an untrusted dict, naming the message and field on error."""
+
+    def __init__(self, kind: str, data: Any):
+        if not isinstance(data, dict):
+            raise ProtocolError(f"{kind} message must be a JSON object, got {type(data).__name__}")
+        self.kind, self.data = kind, data
+
+    def get(self, name: str, typ: type | tuple[type, ...], *, optional: bool = False, default: Any = None) -> Any:
+        if name not in self.data or self.data[name] is None:
+            _check(optional, self.kind, name, "is missing")
+            return default
+        value = self.data[name]
+        types = typ if isinstance(typ, tuple) else (typ,)
+        # bool is an int in Python; never accept it where a number is meant.
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok and float in types and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        _check(ok, self.kind, name, f"must be {'/'.join(t.__name__ for t in types)}, got {type(value).__name__}")
+        if isinstance(value, float):
+            _check(math.isfinite(value), self.kind, name, "must be finite")
+        return value
+
+    def nonneg_int(self, name: str, *, optional: bool = False, default: int = 0, maximum: int = 2**62) -> int:
+        value = self.get(name, int, optional=optional, default=default)
+        _check(0 <= value <= maximum, self.kind, name, f"must be in [0, {maximum}], got {value}")
+        return value
+
+    def nonneg_float(self, name: str, *, optional: bool = False, default: float | None = 0.0) -> float | None:
+        value = self.get(name, float, optional=optional, default=default)
+        if value is not None:
+            _check(value >= 0, self.kind, name, f"must be >= 0, got {value}")
+        return value
+
+    def text(self, name: str, *, optional: bool = False, default: str | None = None, max_len: int = 256) -> str | None:
+        value = self.get(name, str, optional=optional, default=default)
+        if value is not None:
+            _check(len(value) <= max_len, self.kind, name, f"is longer than {max_len} characters")
+        return value
+
+    def sha(self, name: str, *, optional: bool = False) -> str | None:
+        value = self.get(name, str, optional=optional)
+        if value is not None:
+            _check(bool(_SHA_RE.match(value)), self.kind, name, "must be a lowercase hex sha256")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> str:
+        value = self.get(name, str)
+        _check(value in choices, self.kind, name, f"must be one of {', '.join(choices)}; got {value[:40]!r}")
+        return value
+
+
+class Message:
+    kind: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False).encode()
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    deployment_id: str | None
+    artifact: str
+    name: str
+    version: str
+
+    @classmethod
+    def from_reader(cls, r: _Reader) -> ActiveModel:
+        return cls(
+            deployment_id=r.text("deployment_id", optional=True),
+            artifact=r.sha("artifact"),  # type: ignore[arg-type]
+            name=r.text("name"),  # type: ignore[arg-type]
+            version=r.text("version"),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    """Retained presence of a device; the last will publishes ``state="offline"``."""
+
+    kind: ClassVar[str] = "status"
+    state: str
+    agent_version: str = ""
+    runtime: str = ""
+    profile: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    heartbeat_s: float = 0.0
+    active: ActiveModel | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Status:
+        r = _Reader(cls.kind, data)
+        labels = r.get("labels", dict, optional=True, default={})
+        _check(len(labels) <= 32, cls.kind, "labels", "has more than 32 entries")
+        for k, v in labels.items():
+            _check(valid_id(k) and isinstance(v, str) and len(v) <= 64, cls.kind, "labels",
+                   f"entry {str(k)[:40]!r} must map an id-like key to a string of at most 64 characters")
+        active = r.get("active", dict, optional=True)
+        return cls(
+            state=r.choice("state", ("online", "offline")),
+            agent_version=r.text("agent_version", optional=True, default=""),  # type: ignore[arg-type]
+            runtime=r.text("runtime", optional=True, default=""),  # type: ignore[arg-type]
+            profile=r.text("profile", optional=True, default=""),  # type: ignore[arg-type]
+            labels=dict(labels),
+            heartbeat_s=r.nonneg_float("heartbeat_s", optional=True, default=0.0),  # type: ignore[arg-type]
+            active=ActiveModel.from_reader(_Reader("status.active", active)) if active is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class Desired(Message):
+    """What the server wants a device to run. Retained, so a device that connects late gets it."""
+
+    kind: ClassVar[str] = "desired"
+    deployment_id: str
+    artifact: str
+    size: int
+    chunk_size: int
+    name: str
+    version: str
+
+    @property
+    def chunk_count(self) -> int:
+        return max(1, -(-self.size // self.chunk_size))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Desired:
+        r = _Reader(cls.kind, data)
+        msg = cls(
+            deployment_id=r.text("deployment_id", max_len=64),  # type: ignore[arg-type]
+            artifact=r.sha("artifact"),  # type: ignore[arg-type]
+            size=r.nonneg_int("size", maximum=2**34),
+            chunk_size=r.nonneg_int("chunk_size", maximum=8 * 1024 * 1024),
+            name=r.text("name"),  # type: ignore[arg-type]
+            version=r.text("version"),  # type: ignore[arg-type]
+        )
+        _check(msg.size > 0, cls.kind, "size", "must be > 0")
+        _check(msg.chunk_size >= 1024, cls.kind, "chunk_size", "must be >= 1024")
+        return msg
+
+
+@dataclass(frozen=True)
+class Reported(Message):
+    """A device's progress on a deployment."""
+
+    kind: ClassVar[str] = "reported"
+    deployment_id: str
+    artifact: str
+    state: str
+    detail: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Reported:
+        r = _Reader(cls.kind, data)
+        return cls(
+            deployment_id=r.text("deployment_id", max_len=64),  # type: ignore[arg-type]
+            artifact=r.sha("artifact"),  # type: ignore[arg-type]
+            state=r.choice("state", AGENT_STATES),
+            detail=r.text("detail", optional=True, default="", max_len=2000),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class Telemetry(Message):
+    """One interval's aggregate. ``(device, seq)`` is unique: redelivery never double-counts."""
+
+    kind: ClassVar[str] = "telemetry"
+    seq: int
+    interval_s: float
+    count: int
+    errors: int
+    latency_hist: list[int]
+    latency_sum_ms: float
+    cpu_percent: float | None = None
+    rss_bytes: int | None = None
+    artifact: str | None = None
+    model_version: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Telemetry:
+        r = _Reader(cls.kind, data)
+        hist = r.get("latency_hist", list)
+        _check(len(hist) == histogram.N_BUCKETS, cls.kind, "latency_hist",
+               f"must have {histogram.N_BUCKETS} buckets, got {len(hist)}")
+        _check(all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2**40 for c in hist),
+               cls.kind, "latency_hist", "must hold non-negative integers")
+        msg = cls(
+            seq=r.nonneg_int("seq"),
+            interval_s=r.nonneg_float("interval_s"),  # type: ignore[arg-type]
+            count=r.nonneg_int("count", maximum=2**40),
+            errors=r.nonneg_int("errors", maximum=2**40),
+            latency_hist=list(hist),
+            latency_sum_ms=r.nonneg_float("latency_sum_ms"),  # type: ignore[arg-type]
+            cpu_percent=r.nonneg_float("cpu_percent", optional=True, default=None),
+            rss_bytes=r.get("rss_bytes", int, optional=True),
+            artifact=r.sha("artifact", optional=True),
+            model_version=r.text("model_version", optional=True),
+        )
+        _check(msg.errors <= msg.count, cls.kind, "errors", "must not exceed count")
+        _check(sum(hist) == msg.count - msg.errors, cls.kind, "latency_hist",
+               "must count every successful inference exactly once (sum == count - errors)")
+        return msg
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    kind: ClassVar[str] = "heartbeat"
+    uptime_s: float
+    seq: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Heartbeat:
+        r = _Reader(cls.kind, data)
+        return cls(uptime_s=r.nonneg_float("uptime_s"), seq=r.nonneg_int("seq", optional=True))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Fetch(Message):
+    """A device asks for chunks of an artifact it was told to install."""
+
+    kind: ClassVar[str] = "fetch"
+    MAX_INDEXES: ClassVar[int] = 64
+    artifact: str
+    indexes: list[int]
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Fetch:
+        r = _Reader(cls.kind, data)
+        idx = r.get("indexes", list)
+        _check(0 < len(idx) <= cls.MAX_INDEXES, cls.kind, "indexes", f"must hold 1..{cls.MAX_INDEXES} entries")
+        _check(all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in idx),
+               cls.kind, "indexes", "must hold non-negative integers")
+        return cls(artifact=r.sha("artifact"), indexes=list(idx))  # type: ignore[arg-type]
+
+
+_BY_KIND: dict[DeviceTopic, type] = {
+    DeviceTopic.STATUS: Status,
+    DeviceTopic.DESIRED: Desired,
+    DeviceTopic.REPORTED: Reported,
+    DeviceTopic.TELEMETRY: Telemetry,
+    DeviceTopic.HEARTBEAT: Heartbeat,
+    DeviceTopic.FETCH: Fetch,
+}
+
+
+def decode(kind: DeviceTopic | str, payload: bytes) -> Any:
+    """Decode and validate the JSON message that travels on topics of ``kind``."""
+    cls = _BY_KIND.get(DeviceTopic(kind))
+    if cls is None:
+        raise ProtocolError(f"{kind} topics do not carry JSON messages")
+    if len(payload) > MAX_JSON_BYTES:
+        raise ProtocolError(f"{cls.kind} message is {len(payload)} bytes, limit is {MAX_JSON_BYTES}")
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"{cls.kind} message is not valid JSON: {exc}") from None
+    return cls.from_dict(data)
