@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,17 @@ class Bundle:
 
 def read_bundle(source: str | Path | bytes) -> Bundle:
     """Read and fully verify a bundle; any inconsistency raises :class:`BundleError`."""
+    try:
+        return _read_bundle(source)
+    except BundleError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError,
+            ValueError, KeyError) as exc:  # the zip layer's many ways of saying "corrupt"
+        where = source if isinstance(source, (str, Path)) else "bundle"
+        raise BundleError(f"{where} is corrupt: {exc}") from None
+
+
+def _read_bundle(source: str | Path | bytes) -> Bundle:
     if isinstance(source, (str, Path)):
         try:
             data = Path(source).read_bytes()
@@ -159,7 +171,7 @@ def read_bundle(source: str | Path | bytes) -> Bundle:
             raise BundleError(f"{where}: {MANIFEST} is too large")
         try:
             manifest = json.loads(zf.read(MANIFEST))
-        except (ValueError, zipfile.BadZipFile, OSError) as exc:
+        except (ValueError, zipfile.BadZipFile, OSError, zlib.error, EOFError) as exc:
             raise BundleError(f"{where}: {MANIFEST} is unreadable: {exc}") from None
         present = set(names) - {MANIFEST}
         validate_manifest(manifest, present)
@@ -169,7 +181,7 @@ def read_bundle(source: str | Path | bytes) -> Bundle:
                 raise BundleError(f"{where}: {name} is {infos[name].file_size} bytes, manifest says {entry['size']}")
             try:
                 content = zf.read(name)
-            except (zipfile.BadZipFile, OSError) as exc:  # includes zip CRC errors
+            except (zipfile.BadZipFile, OSError, zlib.error, EOFError) as exc:  # CRC/deflate errors
                 raise BundleError(f"{where}: {name} is corrupt: {exc}") from None
             digest = sha256_bytes(content)
             if digest != entry["sha256"]:

@@ -86,6 +86,8 @@ def npy_to_tensor(data: bytes) -> np.ndarray:
     """Parse ``.npy`` bytes from an untrusted peer (no pickles, bounded size)."""
     if len(data) > MAX_TENSOR_BYTES:
         raise ProtocolError(f"tensor payload is {len(data)} bytes, limit is {MAX_TENSOR_BYTES}")
+    if not data.startswith(b"\x93NUMPY"):
+        raise ProtocolError("payload is not a .npy tensor (missing the .npy magic bytes)")
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:  # numpy raises ValueError, OSError, EOFError... on junk
