@@ -55,9 +55,12 @@ def mosquitto_binary() -> str:
     return found
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """A private Mosquitto on a free loopback port (never 1883), stopped by its PID."""
+    """A private Mosquitto on a free loopback port (never 1883), stopped by its PID.
+
+    One per test module: retained messages of one module's devices never leak into another's.
+    """
     workdir = tmp_path_factory.mktemp("mosquitto")
     port = free_port()
     conf = workdir / "mosquitto.conf"

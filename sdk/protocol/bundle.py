@@ -155,7 +155,7 @@ def _read_bundle(source: str | Path | bytes) -> Bundle:
             raise BundleError(f"cannot read bundle {source}: {exc.strerror or exc}") from None
         where = str(source)
     else:
-        data, where = bytes(source), "bundle"
+        data, where = bytes(source), "the uploaded data"
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:

@@ -1,0 +1,163 @@
+"""A private Mosquitto for ``--broker local``: config, start, supervise, stop.
+
+The broker listens on loopback only, keeps its persistence and log under ``DATA/broker/``, and
+is restarted by a supervisor thread if it dies. It is stopped by its PID (SIGTERM, then kill).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from sdk.protocol.errors import EdgeError
+
+log = logging.getLogger("edgectl.server.broker")
+
+CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+MAX_PACKET = 20971520
+
+
+class BrokerError(EdgeError):
+    """The private broker could not be found or started."""
+
+
+def find_mosquitto() -> str:
+    found = shutil.which("mosquitto") or next((p for p in CANDIDATES if os.path.exists(p)), None)
+    if not found:
+        raise BrokerError("mosquitto is not installed: run `apt-get install mosquitto`, "
+                          "or use --broker mqtt://HOST:PORT")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def render_config(port: int, broker_dir: Path) -> str:
+    lines = [
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous true",
+        "persistence true",
+        f"persistence_location {broker_dir}/",
+        f"max_packet_size {MAX_PACKET}",
+        f"log_dest file {broker_dir / 'mosquitto.log'}",
+        "log_timestamp true",
+    ]
+    if os.geteuid() == 0:
+        # As root, Mosquitto drops to the "mosquitto" user, which cannot write our data dir.
+        lines.append(f"user {pwd.getpwuid(0).pw_name}")
+    return "\n".join(lines) + "\n"
+
+
+class LocalBroker:
+    def __init__(self, broker_dir: Path, port: int = 0, binary: str | None = None):
+        self.dir = Path(broker_dir)
+        self.binary = binary or find_mosquitto()
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._supervisor: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def conf_path(self) -> Path:
+        return self.dir / "mosquitto.conf"
+
+    def start(self, timeout: float = 10.0) -> str:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.port == 0:
+            self.port = free_port()
+        elif port_accepts(self.port):
+            raise BrokerError(f"cannot start the private broker: port {self.port} is already in use")
+        self.conf_path.write_text(render_config(self.port, self.dir))
+        self._launch(timeout)
+        self._supervisor = threading.Thread(target=self._supervise, name="broker-supervisor", daemon=True)
+        self._supervisor.start()
+        return self.url
+
+    def _launch(self, timeout: float) -> None:
+        err_path = self.dir / "mosquitto.stderr"
+        with open(err_path, "wb") as err:
+            proc = subprocess.Popen([self.binary, "-c", str(self.conf_path)], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + timeout
+        while not port_accepts(self.port):
+            if proc.poll() is not None:
+                text = err_path.read_text(errors="replace").strip()
+                why = text.splitlines()[-1] if text else self._log_tail()
+                raise BrokerError(f"the private broker exited with code {proc.returncode} "
+                                  f"on port {self.port}: {why}")
+            if time.monotonic() > deadline:
+                self._terminate(proc)
+                raise BrokerError(f"the private broker did not accept connections on port "
+                                  f"{self.port} within {timeout:g}s (see {self.dir / 'mosquitto.log'})")
+            time.sleep(0.05)
+        with self._lock:
+            self.proc = proc
+        (self.dir / "mosquitto.pid").write_text(f"{proc.pid}\n")
+        log.info("private broker pid %d listening on 127.0.0.1:%d", proc.pid, self.port)
+
+    def _log_tail(self) -> str:
+        try:
+            lines = (self.dir / "mosquitto.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        return lines[-1] if lines else "empty log"
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.5):
+            with self._lock:
+                proc = self.proc
+            if proc is None or proc.poll() is None:
+                continue
+            if self._stopping.is_set():
+                return
+            log.warning("private broker pid %d died with code %s; restarting it", proc.pid, proc.returncode)
+            try:
+                self._launch(10.0)
+            except BrokerError as exc:
+                log.error("%s; retrying", exc)
+                time.sleep(1.0)
+
+    @staticmethod
+    def _terminate(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+        if proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+        with self._lock:
+            proc, self.proc = self.proc, None
+        if proc is not None:
+            self._terminate(proc)
+            log.info("private broker pid %d stopped", proc.pid)
+        (self.dir / "mosquitto.pid").unlink(missing_ok=True)

@@ -1,0 +1,242 @@
+"""``edgectl-server``: parse the command line, start store, broker, MQTT side and HTTP API,
+print one ready line, and shut everything down cleanly on SIGTERM/SIGINT.
+
+Start-up errors (port in use, bad database URL, no broker) print one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sdk.protocol.errors import EdgeError
+
+from .config import DEFAULT_CHUNK_SIZE, DEFAULT_HTTP, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Config
+
+log = logging.getLogger("edgectl.server")
+
+
+class StartupError(EdgeError):
+    """The server cannot start; the message is the one line the user reads."""
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8765, port 0 = any)")
+    return host, int(port)
+
+
+def _broker(text: str) -> str:
+    from .mqtt import parse_broker_url
+
+    if text == "local":
+        return text
+    try:
+        parse_broker_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, or 'local'") from None
+    return text
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _chunk_size(text: str) -> int:
+    if not text.isdigit() or not MIN_CHUNK_SIZE <= int(text) <= MAX_CHUNK_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgectl-server", description="The edgectl fleet host.")
+    p.add_argument("--data", help="data directory (default: $EDGECTL_DATA or ./edgectl-data)")
+    p.add_argument("--db", help="SQLAlchemy URL (default: sqlite:///DATA/edgectl.db)")
+    p.add_argument("--http", type=_host_port, default=DEFAULT_HTTP, metavar="HOST:PORT",
+                   help=f"HTTP API address (default {DEFAULT_HTTP}; port 0 picks a free one)")
+    p.add_argument("--broker", type=_broker, default="local", metavar="local|mqtt://HOST:PORT",
+                   help="start a private Mosquitto (default) or use an existing broker")
+    p.add_argument("--broker-port", type=int, default=0, metavar="N",
+                   help="port of the private broker (default 0: a free port)")
+    p.add_argument("--heartbeat-timeout", type=_positive, default=15.0, metavar="S",
+                   help="mark a device offline after S seconds without any message (default 15)")
+    p.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
+                   help=f"artifact chunk size (default {DEFAULT_CHUNK_SIZE})")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    args = build_parser().parse_args(argv)
+    data = Path(args.data or os.environ.get("EDGECTL_DATA") or "./edgectl-data").expanduser().resolve()
+    if not 0 <= args.broker_port <= 65535:
+        build_parser().error(f"--broker-port {args.broker_port} is not a port number")
+    host, port = args.http
+    return Config(data_dir=data, db_url=args.db or f"sqlite:///{data / 'edgectl.db'}",
+                  http_host=host, http_port=port, broker=args.broker, broker_port=args.broker_port,
+                  heartbeat_timeout=args.heartbeat_timeout, chunk_size=args.chunk_size,
+                  log_level=args.log_level)
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "the given URL"
+
+
+def _open_store(config: Config) -> Any:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .store import Store
+
+    try:
+        return Store(config.db_url)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StartupError(f"cannot open database {_redacted(config.db_url)}: {first}") from None
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=512)
+    except OSError as exc:
+        raise StartupError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from .service import write_atomic
+
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def run(config: Config) -> int:
+    import uvicorn
+
+    from .api import create_app
+    from .broker import BrokerError, LocalBroker
+    from .mqtt import BrokerUnreachable, MqttSide
+    from .service import Service
+
+    cleanups: list[tuple[str, Callable[[], Any]]] = []
+    stop = threading.Event()
+    userver: uvicorn.Server | None = None
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if not stop.is_set():
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+        if userver is not None:
+            userver.should_exit = True
+
+    # Our handlers stay installed around uvicorn's, which re-raises the captured signal after
+    # its own shutdown: the re-raised signal then lands here instead of killing the process.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    json_path = config.data_dir / "server.json"
+    try:
+        try:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            config.artifacts_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create data directory {config.data_dir}: {exc.strerror or exc}") from None
+        store = _open_store(config)
+        cleanups.append(("store", store.close))
+        sock = _listen(config.http_host, config.http_port)
+        cleanups.append(("http socket", sock.close))
+        http_port = sock.getsockname()[1]
+        if config.broker == "local":
+            try:
+                broker = LocalBroker(config.broker_dir, config.broker_port)
+                broker_url = broker.start()
+            except BrokerError as exc:
+                raise StartupError(str(exc)) from None
+            cleanups.append(("private broker", broker.stop))
+        else:
+            broker_url = config.broker
+        service = Service(config, store)
+        service.http_url = f"http://{config.http_host}:{http_port}"
+        service.broker_url = broker_url
+        mqtt_side = MqttSide(service, broker_url)
+        cleanups.append(("MQTT", mqtt_side.stop))
+        try:
+            mqtt_side.start()
+        except BrokerUnreachable as exc:
+            raise StartupError(str(exc)) from None
+
+        sweep_interval = min(1.0, config.heartbeat_timeout / 4)
+
+        def sweeper() -> None:
+            while not stop.wait(sweep_interval):
+                try:
+                    service.sweep()
+                except Exception:
+                    log.exception("heartbeat sweep failed")
+
+        sweep_thread = threading.Thread(target=sweeper, name="sweeper", daemon=True)
+        sweep_thread.start()
+        cleanups.append(("sweeper", lambda: sweep_thread.join(timeout=5)))
+
+        userver = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning",
+                                                lifespan="off", access_log=False,
+                                                timeout_graceful_shutdown=5))
+
+        def announce() -> None:
+            while not stop.is_set() and not userver.started:
+                if stop.wait(0.02):
+                    return
+            _write_json(json_path, {"http_url": service.http_url, "broker_url": broker_url,
+                                    "pid": os.getpid()})
+            print(f"edgectl-server ready http={service.http_url} broker={broker_url} "
+                  f"data={config.data_dir}", flush=True)
+            log.info("ready: http=%s broker=%s data=%s", service.http_url, broker_url, config.data_dir)
+
+        threading.Thread(target=announce, name="announce", daemon=True).start()
+        if not stop.is_set():
+            userver.run(sockets=[sock])
+        stop.set()
+        return 0
+    finally:
+        stop.set()
+        for what, fn in reversed(cleanups):
+            try:
+                fn()
+            except Exception:
+                log.exception("error while stopping the %s", what)
+        json_path.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    logging.basicConfig(stream=sys.stderr, level=config.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(config)
+    except StartupError as exc:
+        print(f"edgectl-server: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

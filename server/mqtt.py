@@ -1,0 +1,164 @@
+"""The MQTT side: subscribe to device topics, queue what arrives, ingest it on one worker thread.
+
+The paho callback thread never touches the database: it only puts (topic, payload, receive
+time) on a bounded queue, and ``put`` blocks when the queue is full, which pushes back on the
+broker instead of growing memory. One worker thread hands each message to
+``Service.handle``, which never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import uuid
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from sdk.protocol import topics
+from sdk.protocol.errors import EdgeError
+
+from .service import INGESTED, Service
+
+log = logging.getLogger("edgectl.server.mqtt")
+
+QUEUE_SIZE = 10000
+_STOP = object()
+_REPUBLISH = object()
+
+
+class BrokerUnreachable(EdgeError):
+    """The MQTT broker refused or did not answer the connection."""
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """``mqtt://HOST:PORT`` -> (host, port); raises ValueError naming the expected form."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "mqtt" or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise ValueError(f"broker URL {url!r} is not of the form mqtt://HOST:PORT")
+    return parts.hostname, port
+
+
+class MqttSide:
+    """Connects to the broker, subscribes, and feeds the ingest worker; also the Publisher."""
+
+    def __init__(self, service: Service, broker_url: str, *, client_id: str | None = None):
+        self.service = service
+        self.host, self.port = parse_broker_url(broker_url)
+        # A unique id per process: several servers (or a restarted one) never kick each other off.
+        self.client_id = client_id or f"edgectl-server-{socket.gethostname()[:20]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_SIZE)
+        self._connected = threading.Event()
+        self._first_connect: tuple[bool, str] | None = None
+        self._first_event = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="mqtt-ingest", daemon=True)
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                  protocol=mqtt.MQTTv5, client_id=self.client_id)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self.client.max_queued_messages_set(0)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        service.publisher = self
+        service.queue_depth = self.queue.qsize
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect and subscribe; raises BrokerUnreachable when the broker does not accept us."""
+        self._worker.start()
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 0
+        try:
+            self.client.connect(self.host, self.port, keepalive=30, clean_start=True, properties=props)
+        except OSError as exc:
+            raise BrokerUnreachable(f"cannot connect to the MQTT broker at {self.host}:{self.port}: "
+                                    f"{exc.strerror or exc}") from None
+        self.client.loop_start()
+        if not self._first_event.wait(timeout):
+            raise BrokerUnreachable(f"the MQTT broker at {self.host}:{self.port} did not answer "
+                                    f"within {timeout:g}s")
+        ok, why = self._first_connect or (False, "unknown")
+        if not ok:
+            raise BrokerUnreachable(f"the MQTT broker at {self.host}:{self.port} refused the "
+                                    f"connection: {why}")
+
+    def stop(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+            if self._worker.is_alive():
+                self.queue.put(_STOP)
+                self._worker.join(timeout=10)
+
+    # -- Publisher -----------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            # Not connected: paho keeps QoS>0 messages queued and sends them on reconnect.
+            log.warning("publish on %s queued or failed: %s", topic, mqtt.error_string(info.rc))
+
+    # -- paho callbacks (paho's thread: no database here) --------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                    properties: Any) -> None:
+        if reason_code.is_failure:
+            log.error("MQTT broker refused the connection: %s", reason_code)
+            if self._first_connect is None:
+                self._first_connect = (False, str(reason_code))
+                self._first_event.set()
+            return
+        # Plain subscriptions, not topics.shared(...) for now: a shared subscription does not
+        # receive retained messages, and the server needs every device's retained status.
+        client.subscribe([(topics.device_wildcard(kind), 1) for kind in INGESTED])
+        self._connected.set()
+        log.info("connected to MQTT broker %s:%d as %s", self.host, self.port, self.client_id)
+        if self._first_connect is None:
+            self._first_connect = (True, "")
+            self._first_event.set()
+        else:  # the broker may have lost retained state (e.g. a restarted private broker)
+            self.queue.put(_REPUBLISH)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        self._connected.clear()
+        if reason_code != 0:
+            log.warning("disconnected from MQTT broker: %s (paho reconnects)", reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        received: datetime = self.service.clock()
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # brokers should refuse these; never let one kill paho's thread
+            topic = repr(msg._topic)
+        self.queue.put((topic, bytes(msg.payload), received))  # blocks when full: backpressure
+
+    # -- ingest worker -------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is _STOP:
+                return
+            if item is _REPUBLISH:
+                try:
+                    n = self.service.republish_desired()
+                    log.info("republished desired state of %d devices", n)
+                except Exception:
+                    log.exception("republishing desired states failed")
+                continue
+            topic, payload, received = item
+            self.service.handle(topic, payload, received)

@@ -1,0 +1,244 @@
+"""The server's business logic: ingest device messages, store artifacts, create deployments,
+answer health queries. No HTTP and no MQTT code here: publishing goes through a ``Publisher``
+seam (``server.mqtt.MqttSide`` in production, a list in tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from sdk.protocol import frames, messages, topics
+from sdk.protocol.bundle import read_bundle
+from sdk.protocol.errors import BundleError, ProtocolError
+from sdk.protocol.topics import DeviceTopic
+
+from . import __version__
+from .config import Config
+from .store import NotFound, Store, chunk_count, utcnow
+
+log = logging.getLogger("edgectl.server")
+
+#: Device topic kinds the server subscribes to and ingests.
+INGESTED = (DeviceTopic.STATUS, DeviceTopic.REPORTED, DeviceTopic.TELEMETRY,
+            DeviceTopic.HEARTBEAT, DeviceTopic.FETCH)
+
+
+class Publisher(Protocol):
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None: ...
+
+
+class NullPublisher:
+    """Drops everything (a server without an MQTT side, e.g. in store-only tests)."""
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        log.debug("no MQTT side: dropped %d bytes for %s", len(payload), topic)
+
+
+class Rejected(Exception):
+    """Internal: a device message is refused; ``reason`` is the counter key."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Service:
+    def __init__(self, config: Config, store: Store, publisher: Publisher | None = None,
+                 clock: Callable[[], datetime] = utcnow):
+        self.config = config
+        self.store = store
+        self.publisher: Publisher = publisher or NullPublisher()
+        self.clock = clock
+        self.http_url = ""
+        self.broker_url = ""
+        #: Set by the MQTT side so /v1/info can show its ingest backlog.
+        self.queue_depth: Callable[[], int] = lambda: 0
+        self._rejected: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    # -- info ----------------------------------------------------------------------------------
+
+    def rejected(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._rejected)
+
+    def info(self) -> dict[str, Any]:
+        return {"version": __version__, "broker_url": self.broker_url, "http_url": self.http_url,
+                "rejected": self.rejected(), "queue_depth": self.queue_depth()}
+
+    def _reject(self, topic: str, reason: str, detail: str) -> None:
+        with self._lock:
+            self._rejected[reason] += 1
+        log.warning("rejected message on %r: %s: %s", topic[:200], reason, detail)
+
+    # -- MQTT ingest ---------------------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes, received_at: datetime | None = None) -> None:
+        """Ingest one device message; never raises (bad input is logged and counted)."""
+        try:
+            self.ingest(topic, payload, received_at or self.clock())
+        except Rejected as exc:
+            self._reject(topic, exc.reason, str(exc))
+        except Exception:
+            log.exception("failed to ingest a message on %r", topic[:200])
+            with self._lock:
+                self._rejected["internal_error"] += 1
+
+    def ingest(self, topic: str, payload: bytes, now: datetime) -> None:
+        """Decode and store one message; raises :class:`Rejected` for bad input."""
+        try:
+            route = topics.parse(topic)
+        except ProtocolError as exc:
+            raise Rejected("bad_topic", str(exc)) from None
+        if route.kind not in INGESTED or route.device_id is None:
+            raise Rejected("bad_topic", f"the server does not ingest {route.kind} topics")
+        try:
+            msg = messages.decode(route.kind, payload)
+        except ProtocolError as exc:
+            raise Rejected("bad_message", str(exc)) from None
+        device_id = route.device_id
+        if route.kind is DeviceTopic.STATUS:
+            if msg.state == "online":
+                self.store.status_online(device_id, msg, now)
+                log.info("device %s online (agent %s)", device_id, msg.agent_version or "?")
+            else:
+                self.store.status_offline(device_id, now)
+                log.info("device %s offline", device_id)
+            return
+        if not self.store.device_exists(device_id):
+            raise Rejected("unknown_device", f"device {device_id!r} never sent a status message")
+        try:
+            if route.kind is DeviceTopic.HEARTBEAT:
+                self.store.touch(device_id, now)
+            elif route.kind is DeviceTopic.TELEMETRY:
+                if not self.store.add_telemetry(device_id, msg, now):
+                    raise Rejected("duplicate", f"telemetry seq {msg.seq} of {device_id} is already stored")
+            elif route.kind is DeviceTopic.REPORTED:
+                if not self.store.report(device_id, msg, now):
+                    raise Rejected("unknown_deployment",
+                                   f"deployment {msg.deployment_id!r} does not target {device_id}")
+                log.info("device %s: deployment %s is %s %s", device_id, msg.deployment_id,
+                         msg.state, msg.detail)
+            elif route.kind is DeviceTopic.FETCH:
+                self.store.touch(device_id, now)
+                self._serve_fetch(device_id, msg)
+        except NotFound as exc:  # deleted between the check and the write
+            raise Rejected("unknown_device", str(exc)) from None
+
+    def _serve_fetch(self, device_id: str, msg: messages.Fetch) -> None:
+        desired = self.store.desired(device_id)
+        if desired is None or desired[1]["sha256"] != msg.artifact:
+            raise Rejected("not_desired", f"{device_id} asked for artifact {msg.artifact[:12]}…, "
+                                          "which is not its desired artifact")
+        _, art, chunk_size = desired
+        count = chunk_count(art["size"], chunk_size)
+        bad = sorted(i for i in set(msg.indexes) if i >= count)
+        if bad:
+            raise Rejected("bad_index", f"{device_id} asked for chunks {bad[:5]} of "
+                                        f"{msg.artifact[:12]}…, which has {count}")
+        with open(self.config.artifact_path(msg.artifact), "rb") as f:
+            for index in msg.indexes:
+                f.seek(index * chunk_size)
+                data = f.read(chunk_size)
+                self.publisher.publish(topics.chunks(device_id),
+                                       frames.Chunk(msg.artifact, index, count, data).encode(), qos=1)
+        log.debug("sent %d chunks of %s to %s", len(msg.indexes), msg.artifact[:12], device_id)
+
+    def sweep(self, now: datetime | None = None) -> list[str]:
+        """Mark devices silent for longer than the heartbeat timeout offline."""
+        stale = self.store.sweep(self.config.heartbeat_timeout, now or self.clock())
+        for device_id in stale:
+            log.info("device %s offline: no message for %gs", device_id, self.config.heartbeat_timeout)
+        return stale
+
+    # -- artifacts -----------------------------------------------------------------------------
+
+    def add_artifact(self, data: bytes) -> tuple[dict[str, Any], bool]:
+        """Validate and store a bundle by sha256; returns (artifact dict, True when new)."""
+        bundle = read_bundle(data)
+        m = bundle.manifest
+        try:  # what we will announce must itself follow the wire contract
+            messages.Desired.from_dict({"deployment_id": "probe", "artifact": bundle.sha256,
+                                        "size": bundle.size, "chunk_size": self.config.chunk_size,
+                                        "name": m["name"], "version": m["version"]})
+        except ProtocolError as exc:
+            raise BundleError(f"bundle cannot be deployed: {exc}") from None
+        path = self.config.artifact_path(bundle.sha256)
+        if not (path.exists() and path.stat().st_size == bundle.size):
+            write_atomic(path, bytes(data))
+        art, created = self.store.add_artifact(bundle.sha256, bundle.size, m["name"], m["version"],
+                                               m["quantization"], self.clock())
+        if created:
+            log.info("stored artifact %s (%s %s, %d bytes)", bundle.sha256[:12], m["name"],
+                     m["version"], bundle.size)
+        return art, created
+
+    def artifacts(self) -> list[dict[str, Any]]:
+        return self.store.artifacts()
+
+    # -- deployments ---------------------------------------------------------------------------
+
+    def create_deployment(self, artifact: str, selector: str) -> dict[str, Any]:
+        dep = self.store.create_deployment(artifact, selector, self.config.chunk_size, self.clock())
+        art = self.store.artifact(artifact)
+        desired = messages.Desired(dep["id"], artifact, art["size"], self.config.chunk_size,
+                                   art["name"], art["version"]).encode()
+        for device_id in dep["targets"]:
+            self.publisher.publish(topics.desired(device_id), desired, qos=1, retain=True)
+        log.info("deployment %s: %s %s to %s", dep["id"], art["name"], art["version"],
+                 ", ".join(dep["targets"]))
+        return dep
+
+    def republish_desired(self) -> int:
+        """Publish every device's desired state again (after a reconnect to the broker)."""
+        rows = self.store.all_desired()
+        for device_id, dep_id, art, chunk_size in rows:
+            payload = messages.Desired(dep_id, art["sha256"], art["size"], chunk_size,
+                                       art["name"], art["version"]).encode()
+            self.publisher.publish(topics.desired(device_id), payload, qos=1, retain=True)
+        return len(rows)
+
+    def deployments(self) -> list[dict[str, Any]]:
+        return self.store.deployments()
+
+    def deployment(self, deployment_id: str) -> dict[str, Any]:
+        return self.store.deployment(deployment_id)
+
+    # -- devices and health --------------------------------------------------------------------
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self.store.devices()
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        return self.store.device(device_id)
+
+    def fleet_health(self, window_s: float, now: datetime | None = None) -> dict[str, Any]:
+        return self.store.fleet_health(window_s, now or self.clock())
