@@ -21,6 +21,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._started = clock()
         self._heartbeat_seq = 0
+        self._connection = ""
         self.topics = {"desired": topics.desired(device_id), "chunks": topics.chunks(device_id),
                        "infer": topics.infer(device_id)}
 
@@ -170,10 +172,11 @@ class Agent:
     def status(self) -> Status:
         return Status(state="online", agent_version=AGENT_VERSION, runtime=self.runtime,
                       profile=self.profile, labels=self.labels, heartbeat_s=float(self.heartbeat_s),
-                      active=self.active)
+                      active=self.active, connection=self._connection)
 
     # -- messages in -------------------------------------------------------------------------
     def _on_connect(self) -> None:
+        self._connection = uuid.uuid4().hex[:16]
         self.transport.subscribe(list(self.topics.values()), qos=1)
         self._publish_status()
 

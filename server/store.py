@@ -138,6 +138,8 @@ class ConnectionSession(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     end_reason: Mapped[str | None] = mapped_column(String(32))
+    #: The agent's per-connection id from its status message ("" for sessions reopened by traffic).
+    connection: Mapped[str] = mapped_column(String(64), default="")
 
 
 class TelemetryRow(Base):
@@ -306,8 +308,12 @@ class Store:
                 dev.model_name, dev.model_version = msg.active.name, msg.active.version
             dev.last_seen = max(dev.last_seen, now)
             s.flush()
+            current = self._open_session(s, device_id)
+            if current is not None and msg.connection and current.connection in (msg.connection, ""):
+                current.connection = msg.connection  # same connection re-announcing itself
+                return
             self._close_sessions(s, device_id, now, "reconnect")
-            s.add(ConnectionSession(device_id=device_id, started_at=now))
+            s.add(ConnectionSession(device_id=device_id, started_at=now, connection=msg.connection))
 
     def status_offline(self, device_id: str, now: datetime) -> None:
         """Close the open session (last will or clean disconnect); remember unknown devices."""

@@ -23,9 +23,9 @@ def at(seconds: float) -> datetime:
     return T + timedelta(seconds=seconds)
 
 
-def status(**labels: str) -> messages.Status:
+def status(connection: str = "", **labels: str) -> messages.Status:
     return messages.Status(state="online", agent_version="0.1.0", runtime="ai_edge_litert",
-                           profile="rpi4", labels=labels)
+                           profile="rpi4", labels=labels, connection=connection)
 
 
 def telemetry(seq: int, latencies_ms: list[float], errors: int = 0) -> messages.Telemetry:
@@ -101,6 +101,15 @@ def test_reconnect_and_timeout_sessions(store: Store) -> None:
     assert store.device("pi-1")["online"] is True
     assert health_of(store, "pi-1", window=60)["availability"] == pytest.approx(50 / 60)
     assert store.device("pi-1")["last_seen"] == at(-10).isoformat()
+
+
+def test_a_status_update_on_the_same_connection_is_not_an_outage(store: Store) -> None:
+    store.status_online("pi-1", status(connection="c1"), at(-60))
+    store.status_online("pi-1", status(connection="c1"), at(-30))  # e.g. re-announced a new model
+    assert health_of(store, "pi-1", window=60)["outages"] == 0
+    store.status_online("pi-1", status(connection="c2"), at(-10))  # a new connection: reconnect
+    h = health_of(store, "pi-1", window=60)
+    assert h["outages"] == 1 and h["availability"] == pytest.approx(1.0)
 
 
 def test_percentiles_merge_histograms_of_the_window(store: Store) -> None:

@@ -128,6 +128,9 @@ class Status(Message):
     labels: dict[str, str] = field(default_factory=dict)
     heartbeat_s: float = 0.0
     active: ActiveModel | None = None
+    #: New random id per MQTT connection: a repeated "online" with the same id is a status
+    #: update (e.g. a new model), a different id is a reconnect (the old session ended).
+    connection: str = ""
 
     @classmethod
     def from_dict(cls, data: Any) -> Status:
@@ -146,6 +149,7 @@ class Status(Message):
             labels=dict(labels),
             heartbeat_s=r.nonneg_float("heartbeat_s", optional=True, default=0.0),  # type: ignore[arg-type]
             active=ActiveModel.from_reader(_Reader("status.active", active)) if active is not None else None,
+            connection=r.text("connection", optional=True, default="", max_len=64),  # type: ignore[arg-type]
         )
 
 
