@@ -8,11 +8,9 @@ in a ``finally``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .localfleet import LocalFleet, wait_for
 from .protocol import EdgeError
-
-BIN = Path(sys.executable).parent
 
 
 def train_digits(workdir: Path, *, epochs: int = 15, seed: int = 0) -> dict[str, Path]:
@@ -68,43 +65,17 @@ def _say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def _run(args: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], *, quiet: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run one ``edgectl`` command as a user would, showing it and its output."""
     shown = " ".join(a if " " not in a else repr(a) for a in args)
-    print(f"$ {shown}", flush=True)
-    proc = subprocess.run([str(BIN / args[0]), *args[1:]], text=True, capture_output=True, **kw)
-    if proc.stdout:
+    if not quiet:
+        print(f"$ {shown}", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "sdk.cli", *args[1:]], text=True, capture_output=True)
+    if proc.stdout and not quiet:
         print(proc.stdout.rstrip(), flush=True)
     if proc.returncode != 0:
         raise EdgeError(f"`{shown}` failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
     return proc
-
-
-def _start_server(data: Path, log: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
-    cmd = [str(BIN / "edgectl-server"), "--data", str(data), "--http", "127.0.0.1:0", "--broker", "local"]
-    print(f"$ edgectl-server --data {data} --http 127.0.0.1:0 --broker local &", flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)  # noqa: SIM115
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("edgectl-server ready"):
-            print(line.rstrip(), flush=True)
-            fields = dict(part.split("=", 1) for part in line.split()[2:])
-            return proc, fields
-    proc.kill()
-    raise EdgeError(f"edgectl-server did not start; see {log}: {log.read_text()[-800:]}")
-
-
-def _stop(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def run_demo(workdir: Path, *, n_agents: int = 3, n_requests: int = 300) -> None:
@@ -116,8 +87,7 @@ def run_demo(workdir: Path, *, n_agents: int = 3, n_requests: int = 300) -> None
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    procs: list[subprocess.Popen[Any]] = []
-    try:
+    with LocalFleet(workdir, echo=True) as fleet:
         _say("1. train a digits classifier (scikit-learn's digits, shipped with the package)")
         paths = train_digits(workdir)
         print(f"Keras model {paths['model']} — test accuracy {(workdir / 'digits-keras-accuracy.txt').read_text().strip()}")
@@ -129,24 +99,14 @@ def run_demo(workdir: Path, *, n_agents: int = 3, n_requests: int = 300) -> None
         _run(["edgectl", "inspect", str(bundle)])
 
         _say("3. start edgectl-server (SQLite store, artifact store, HTTP API, private Mosquitto)")
-        server, info = _start_server(workdir / "server", workdir / "server.log")
-        procs.append(server)
-        url, broker = info["http"], info["broker"]
+        url = fleet.start_server(broker="local")
+        broker = fleet.broker
 
         _say(f"4. start {n_agents} agents (each its own process, MQTT connection and data dir)")
         ids = [f"pi-{i + 1}" for i in range(n_agents)]
         for dev in ids:
-            cmd = ["edgectl-agent", "--device-id", dev, "--broker", broker, "--data", str(workdir / "agents" / dev),
-                   "--label", "group=lab", "--heartbeat", "2", "--telemetry-interval", "2"]
-            print(f"$ {' '.join(cmd)} &", flush=True)
-            procs.append(subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], stdout=subprocess.DEVNULL,
-                                          stderr=open(workdir / f"{dev}.log", "w")))  # noqa: SIM115
-        with ServerClient(url) as client:
-            deadline = time.monotonic() + 30
-            while sum(d["online"] for d in client.devices()) < n_agents:
-                if time.monotonic() > deadline:
-                    raise EdgeError("the agents did not come online within 30 s; see their logs in " + str(workdir))
-                time.sleep(0.3)
+            fleet.start_agent(dev, labels={"group": "lab"})
+        fleet.wait_online(ids)
         print(f"{n_agents} agents online")
 
         _say("5. push the bundle to group:lab and wait until every device runs it")
@@ -177,25 +137,21 @@ def run_demo(workdir: Path, *, n_agents: int = 3, n_requests: int = 300) -> None
         _run(["edgectl", "devices", "list", "--server", url])
         _run(["edgectl", "fleet", "health", "--window", "10m", "--server", url])
 
-        _say(f"8. kill -9 agent {ids[-1]}: the broker publishes its last will, the server marks it offline")
-        procs[-1].kill()
-        procs[-1].wait()
+        victim = ids[-1]
+        _say(f"8. kill -9 agent {victim}: the broker publishes its last will, the server marks it offline")
+        fleet.kill_agent(victim)
+        t_kill = time.monotonic()
         with ServerClient(url) as client:
-            deadline = time.monotonic() + 20
-            while any(d["online"] for d in client.devices() if d["id"] == ids[-1]):
-                if time.monotonic() > deadline:
-                    raise EdgeError(f"{ids[-1]} still shows online 20 s after it was killed")
-                time.sleep(0.2)
-        _run(["edgectl", "fleet", "health", "--window", "10m", "--server", url])
-        h = _run(["edgectl", "fleet", "health", "--window", "10m", "--server", url, "--json"])
+            wait_for(f"{victim} offline", lambda: not next(d for d in client.devices() if d["id"] == victim)["online"],
+                     timeout=20)
+        print(f"{victim} reported offline {time.monotonic() - t_kill:.2f} s after kill -9")
+        h = _run(["edgectl", "fleet", "health", "--window", "10m", "--server", url])
+        h = _run(["edgectl", "fleet", "health", "--window", "10m", "--server", url, "--json"], quiet=True)
         (workdir / "fleet-health.json").write_text(h.stdout)
         summary = json.loads(h.stdout)
-        print(f"\ndemo finished in {time.monotonic() - t0:.0f} s: "
-              f"{sum(d['online'] for d in summary['devices'])}/{len(summary['devices'])} online; files in {workdir}")
-    finally:
-        for p in reversed(procs):
-            with contextlib.suppress(Exception):
-                _stop(p)
+    print(f"\ndemo finished in {time.monotonic() - t0:.0f} s: "
+          f"{sum(d['online'] for d in summary['devices'])}/{len(summary['devices'])} online at the end; "
+          f"every process stopped; files in {workdir}")
 
 
 def _score(resp: Any, label: int) -> int:

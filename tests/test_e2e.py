@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +22,7 @@ from typer.testing import CliRunner
 from sdk.cli import app
 from sdk.client import ServerClient
 from sdk.infer import InferenceClient
+from sdk.localfleet import LocalFleet, wait_for
 from sdk.protocol import topics
 from sdk.protocol.bundle import read_bundle
 from sdk.protocol.runtime import TFLiteModel
@@ -34,92 +31,28 @@ runner = CliRunner()
 DEVICES = ("e2e-pi-1", "e2e-pi-2")
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
-
-
-@dataclass
-class Fleet:
-    url: str
-    broker: str
-    data: Path
-    server: subprocess.Popen[str]
-    agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def client(self) -> ServerClient:
-        return ServerClient(self.url)
-
-
-def start_server(broker_url: str, data: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.main", "--data", str(data), "--http", "127.0.0.1:0",
-         "--broker", broker_url, "--heartbeat-timeout", "6"],
-        stdout=subprocess.PIPE, stderr=open(data.parent / "server.log", "w"), text=True)  # noqa: SIM115
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("edgectl-server ready"):
-            return proc, dict(p.split("=", 1) for p in line.split()[2:])["http"]
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError("edgectl-server did not print its ready line: "
-                         + (data.parent / "server.log").read_text()[-2000:])
-
-
-def start_agent(device_id: str, broker_url: str, data: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "agent.main", "--device-id", device_id, "--broker", broker_url,
-         "--data", str(data / device_id), "--label", "group=e2e", "--heartbeat", "1",
-         "--telemetry-interval", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(data / f"{device_id}.log", "w"))
-
-
-def stop(proc: subprocess.Popen[Any]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait()
-
-
 @pytest.fixture(scope="module")
-def fleet(mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    work = tmp_path_factory.mktemp("e2e")
-    (work / "server").mkdir()
-    server, url = start_server(mosquitto.url, work / "server")
-    f = Fleet(url=url, broker=mosquitto.url, data=work, server=server)
+def fleet(mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
+    f = LocalFleet(tmp_path_factory.mktemp("e2e"))
     try:
+        f.start_server(broker=mosquitto.url, extra=["--heartbeat-timeout", "6"])
         for dev in DEVICES:
-            f.agents[dev] = start_agent(dev, mosquitto.url, work)
-        with f.client() as c:
-            wait_for("both agents online", lambda: {d["id"] for d in c.devices() if d["online"]} >= set(DEVICES))
+            f.start_agent(dev, labels={"group": "e2e"}, heartbeat=1, telemetry_interval=1)
+        f.wait_online(DEVICES)
         yield f
     finally:
-        for p in f.agents.values():
-            stop(p)
-        code = stop(server)
+        code = f.close()
         assert code == 0, f"edgectl-server exited with {code}"
 
 
-def test_push_reaches_both_agents_and_they_activate_it(fleet: Fleet, digits) -> None:
+def test_push_reaches_both_agents_and_they_activate_it(fleet: LocalFleet, digits) -> None:
     res = runner.invoke(app, ["push", str(digits.bundle), "--to", "group:e2e", "--server", fleet.url,
                               "--wait", "60", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert sorted(out["deployment"]["targets"]) == sorted(DEVICES)
     assert {d["device_id"]: d["state"] for d in out["deployment"]["devices"]} == dict.fromkeys(DEVICES, "active")
-    with fleet.client() as c:
+    with ServerClient(fleet.url) as c:
         devices = {d["id"]: d for d in c.devices()}
     sha = read_bundle(digits.bundle).sha256
     for dev in DEVICES:
@@ -127,7 +60,7 @@ def test_push_reaches_both_agents_and_they_activate_it(fleet: Fleet, digits) -> 
         assert devices[dev]["model"]["version"] == "1.0.0"
 
 
-def test_inference_answers_equal_the_host_interpreter(fleet: Fleet, digits) -> None:
+def test_inference_answers_equal_the_host_interpreter(fleet: LocalFleet, digits) -> None:
     host = TFLiteModel(read_bundle(digits.bundle).model_bytes)
     with np.load(digits.eval) as ev:
         x = ev["x"][:20]
@@ -140,7 +73,7 @@ def test_inference_answers_equal_the_host_interpreter(fleet: Fleet, digits) -> N
                 np.testing.assert_allclose(resp.output, host.run(row[None, ...]), rtol=1e-5, atol=1e-6)
 
 
-def test_wrong_shape_or_dtype_gets_a_clear_error_answer(fleet: Fleet) -> None:
+def test_wrong_shape_or_dtype_gets_a_clear_error_answer(fleet: LocalFleet) -> None:
     with InferenceClient(fleet.broker) as ic:
         r = ic.infer(DEVICES[0], np.zeros((1, 3), np.float32))
         assert not r.ok and "shape" in r.error and "[?, 8, 8, 1]" in r.error
@@ -150,7 +83,7 @@ def test_wrong_shape_or_dtype_gets_a_clear_error_answer(fleet: Fleet) -> None:
         assert r.ok
 
 
-def test_malformed_mqtt_messages_are_survived(fleet: Fleet) -> None:
+def test_malformed_mqtt_messages_are_survived(fleet: LocalFleet) -> None:
     host, port = fleet.broker.removeprefix("mqtt://").split(":")
     junk = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="e2e-junk",
                        protocol=mqtt.MQTTv5)
@@ -168,17 +101,17 @@ def test_malformed_mqtt_messages_are_survived(fleet: Fleet) -> None:
     finally:
         junk.disconnect()
         junk.loop_stop()
-    with fleet.client() as c:
+    with ServerClient(fleet.url) as c:
         info = wait_for("the server to count the rejected messages", lambda: c.info()
                         if sum(c.info().get("rejected", {}).values()) >= 10 else None, timeout=15)
         assert info["rejected"]
         assert {d["id"] for d in c.devices() if d["online"]} >= set(DEVICES)
     with InferenceClient(fleet.broker) as ic:
         assert ic.infer(DEVICES[0], np.zeros((1, 8, 8, 1), np.float32)).ok
-    assert fleet.server.poll() is None and all(p.poll() is None for p in fleet.agents.values())
+    assert fleet.server is not None and fleet.server.poll() is None and all(p.poll() is None for p in fleet.agents.values())
 
 
-def test_telemetry_lands_in_the_store_and_fleet_health_reports_it(fleet: Fleet) -> None:
+def test_telemetry_lands_in_the_store_and_fleet_health_reports_it(fleet: LocalFleet) -> None:
     with InferenceClient(fleet.broker) as ic:
         futs = [ic.submit(dev, np.zeros((1, 8, 8, 1), np.float32)) for dev in DEVICES for _ in range(25)]
         assert all(f.result(15).ok for f in futs)
@@ -198,7 +131,7 @@ def test_telemetry_lands_in_the_store_and_fleet_health_reports_it(fleet: Fleet) 
         assert r["availability"] is not None and r["availability"] > 0.9
         assert r["outages"] == 0  # re-announcing a new model on the same connection is no outage
         assert r["model_version"] == "1.0.0" and r["deployment_state"] == "active"
-    engine = sa.create_engine(f"sqlite:///{fleet.data / 'server' / 'edgectl.db'}")
+    engine = sa.create_engine(f"sqlite:///{fleet.workdir / 'server' / 'edgectl.db'}")
     try:
         with engine.connect() as conn:
             n = conn.execute(sa.text("SELECT COUNT(*), COUNT(DISTINCT device_id) FROM telemetry")).one()
@@ -209,12 +142,11 @@ def test_telemetry_lands_in_the_store_and_fleet_health_reports_it(fleet: Fleet) 
     assert table.exit_code == 0 and "2/2 online" in table.stdout
 
 
-def test_a_killed_agent_is_reported_offline_by_its_last_will(fleet: Fleet) -> None:
+def test_a_killed_agent_is_reported_offline_by_its_last_will(fleet: LocalFleet) -> None:
     victim = DEVICES[1]
-    fleet.agents[victim].send_signal(signal.SIGKILL)
-    fleet.agents[victim].wait(10)
+    fleet.kill_agent(victim)
     t0 = time.monotonic()
-    with fleet.client() as c:
+    with ServerClient(fleet.url) as c:
         wait_for(f"{victim} offline", lambda: not {d["id"]: d for d in c.devices()}[victim]["online"], timeout=10)
     assert time.monotonic() - t0 < 10
     res = runner.invoke(app, ["devices", "list", "--server", fleet.url, "--json"])
@@ -232,7 +164,7 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "window" in res.output
 
 
-def test_push_to_nobody_or_a_bad_bundle_is_refused(fleet: Fleet, digits, tmp_path: Path) -> None:
+def test_push_to_nobody_or_a_bad_bundle_is_refused(fleet: LocalFleet, digits, tmp_path: Path) -> None:
     res = runner.invoke(app, ["push", str(digits.bundle), "--to", "group:nobody", "--server", fleet.url])
     assert res.exit_code == 1 and "matches no" in res.output
     junk = tmp_path / "junk.bundle"
