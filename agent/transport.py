@@ -11,35 +11,19 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
+
+from sdk.protocol.net import parse_broker_url, set_nodelay
 
 log = logging.getLogger("edgectl.agent.transport")
 
 MessageHandler = Callable[[str, bytes, "Properties | None"], None]
 ConnectHandler = Callable[[], None]
 
-DEFAULT_PORT = 1883
 #: Outgoing QoS>0 messages kept while disconnected; beyond it publishes are dropped and counted.
 MAX_QUEUED = 1000
-
-
-def parse_broker_url(url: str) -> tuple[str, int]:
-    """``mqtt://host[:port]`` -> ``(host, port)``; anything else raises ValueError saying why."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"broker URL {url!r} is invalid: {exc}") from None
-    if parts.scheme != "mqtt":
-        raise ValueError(f"broker URL {url!r} must start with mqtt:// (got scheme {parts.scheme or 'none'!r})")
-    if not parts.hostname:
-        raise ValueError(f"broker URL {url!r} has no host; expected mqtt://HOST[:PORT]")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError(f"broker URL {url!r} may hold only a host and a port: mqtt://HOST[:PORT]")
-    return parts.hostname, port if port is not None else DEFAULT_PORT
 
 
 class MqttTransport:
@@ -70,6 +54,7 @@ class MqttTransport:
             log.warning("broker %s:%d refused the connection: %s", self.host, self.port, reason_code)
             return
         log.info("connected to broker %s:%d", self.host, self.port)
+        set_nodelay(client)
         self.connected.set()
         if self._on_connect_handler is not None:
             try:

@@ -10,7 +10,6 @@ import threading
 import uuid
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from urllib.parse import urlparse
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -19,13 +18,7 @@ from paho.mqtt.properties import Properties
 
 from .protocol import EdgeError, topics
 from .protocol.frames import InferResponse, tensor_to_npy
-
-
-def parse_broker_url(url: str) -> tuple[str, int]:
-    u = urlparse(url)
-    if u.scheme not in ("mqtt", "tcp") or not u.hostname:
-        raise EdgeError(f"broker URL {url!r} must look like mqtt://HOST:PORT")
-    return u.hostname, u.port or 1883
+from .protocol.net import parse_broker_url, set_nodelay
 
 
 class InferenceClient:
@@ -52,6 +45,7 @@ class InferenceClient:
             raise EdgeError(f"broker {broker_url} did not accept the connection within {connect_timeout}s")
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
+        set_nodelay(client)
         client.subscribe(self._response_topic, qos=1)
         self._ready.set()
 

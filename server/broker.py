@@ -50,11 +50,14 @@ def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def render_config(port: int, broker_dir: Path) -> str:
+def render_config(port: int, broker_dir: Path, *, persistence: bool = True) -> str:
     lines = [
         f"listener {port} 127.0.0.1",
         "allow_anonymous true",
-        "persistence true",
+        # Without it Nagle's algorithm meets delayed ACKs on the small request/response and
+        # PUBACK packets: an inference round trip measured 88 ms instead of about 1 ms.
+        "set_tcp_nodelay true",
+        f"persistence {'true' if persistence else 'false'}",
         f"persistence_location {broker_dir}/",
         f"max_packet_size {MAX_PACKET}",
         f"log_dest file {broker_dir / 'mosquitto.log'}",

@@ -38,7 +38,7 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def _broker(text: str) -> str:
-    from .mqtt import parse_broker_url
+    from sdk.protocol.net import parse_broker_url
 
     if text == "local":
         return text

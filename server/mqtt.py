@@ -16,7 +16,6 @@ import threading
 import uuid
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -24,6 +23,7 @@ from paho.mqtt.properties import Properties
 
 from sdk.protocol import topics
 from sdk.protocol.errors import EdgeError
+from sdk.protocol.net import parse_broker_url, set_nodelay
 
 from .service import INGESTED, Service
 
@@ -36,18 +36,6 @@ _REPUBLISH = object()
 
 class BrokerUnreachable(EdgeError):
     """The MQTT broker refused or did not answer the connection."""
-
-
-def parse_broker_url(url: str) -> tuple[str, int]:
-    """``mqtt://HOST:PORT`` -> (host, port); raises ValueError naming the expected form."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if parts.scheme != "mqtt" or not parts.hostname or port is None or parts.path not in ("", "/"):
-        raise ValueError(f"broker URL {url!r} is not of the form mqtt://HOST:PORT")
-    return parts.hostname, port
 
 
 class MqttSide:
@@ -123,6 +111,7 @@ class MqttSide:
             return
         # Plain subscriptions, not topics.shared(...) for now: a shared subscription does not
         # receive retained messages, and the server needs every device's retained status.
+        set_nodelay(client)
         client.subscribe([(topics.device_wildcard(kind), 1) for kind in INGESTED])
         self._connected.set()
         log.info("connected to MQTT broker %s:%d as %s", self.host, self.port, self.client_id)

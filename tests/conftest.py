@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from server.broker import render_config
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 PG_ADMIN_URL = os.environ.get("EDGECTL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -64,10 +66,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     workdir = tmp_path_factory.mktemp("mosquitto")
     port = free_port()
     conf = workdir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        f"log_dest file {workdir / 'mosquitto.log'}\nmax_packet_size 20971520\n"
-    )
+    conf.write_text(render_config(port, workdir, persistence=False))
     proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
