@@ -7,13 +7,13 @@ the agent's logic shows up as one clear line instead of a silently wrong report.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from sdk.protocol.errors import ProtocolError
 from sdk.protocol.messages import AGENT_STATES
 
 
-class State(str, Enum):
+class State(StrEnum):
     IDLE = "idle"
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
@@ -25,7 +25,7 @@ class State(str, Enum):
 assert tuple(s.value for s in State) == AGENT_STATES, "agent states drifted from the wire contract"
 
 
-class Event(str, Enum):
+class Event(StrEnum):
     RESTORED = "restored"  # a model was loaded from the data dir at start
     DESIRED = "desired"  # a desired state names an artifact that is not active: download it
     ALREADY_ACTIVE = "already_active"  # a desired state names the active artifact

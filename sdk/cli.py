@@ -199,6 +199,28 @@ def devices_list(server: ServerOpt = None, as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+@devices_app.command("profiles")
+def devices_profiles(as_json: JsonOpt = False) -> None:
+    """The device profiles edgectl knows (devices/profiles/*.toml and $EDGECTL_PROFILES)."""
+    from .protocol.profiles import load_profiles
+
+    try:
+        profiles = load_profiles()
+    except EdgeError as exc:
+        fail(str(exc))
+    if as_json:
+        emit_json([p.to_dict() for p in profiles.values()])
+        return
+    table = Table(title=f"{len(profiles)} device profile(s) — speed factors are estimates, see each file")
+    for col in ("profile", "board", "cores", "RAM", "delegate", "runtime", "quantizations", "speed ×", "link"):
+        table.add_column(col)
+    for p in profiles.values():
+        quants = ", ".join(f"[b]{q}[/b]" if q == p.preferred_quantization else q for q in p.quantizations)
+        table.add_row(p.name, p.title, str(p.cores), f"{p.ram_mb} MB", p.delegate, p.runtime, quants,
+                      f"{p.speed_factor:g}", f"{p.link_mbps:g} Mb/s")
+    out.print(table)
+
+
 @fleet_app.command("health")
 def fleet_health(
     window: Annotated[str, typer.Option(help="Look-back window: 90s, 15m, 24h, 7d.")] = "1h",

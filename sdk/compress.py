@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -305,7 +305,7 @@ def compress(
                 v.scores["mean_deviation"] = float(np.mean(np.abs(probs - ref_probs)))
 
     name = name or Path(model_path).name.split(".")[0]
-    version = version or datetime.now(timezone.utc).strftime("%Y%m%d.%H%M%S")
+    version = version or datetime.now(UTC).strftime("%Y%m%d.%H%M%S")
     report = {
         "source": {"path": str(src.path), "format": src.format, "size_bytes": src.size_bytes},
         "reference": ref.describe(),
@@ -316,7 +316,7 @@ def compress(
     manifest = {
         "name": name,
         "version": version,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "quantization": quantize,
         "model": {"file": "model.tflite", "inputs": [v_in], "outputs": [v_out]},
         "sample": {"input": "sample_input.npy", "output": "sample_output.npy", "atol": atol, "rtol": rtol},

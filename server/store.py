@@ -12,7 +12,7 @@ import math
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -38,7 +38,7 @@ from sdk.protocol import histogram, messages
 from sdk.protocol.errors import DeployError, EdgeError
 from sdk.protocol.topics import valid_id
 
-UTC = timezone.utc
+UTC = UTC
 PENDING = "pending"
 SUPERSEDED = "superseded"
 #: Deployment states after which a newer deployment does not rewrite the old one's row.

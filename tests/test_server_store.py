@@ -4,7 +4,7 @@ selectors, supersede. Time is explicit (``now``), so the math is deterministic."
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given
@@ -14,7 +14,7 @@ from sdk.protocol import histogram, messages
 from sdk.protocol.errors import DeployError
 from server.store import NotFound, Store, covered_seconds, parse_selector
 
-T = datetime(2030, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+T = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
 SHA = "ab" * 32
 
 

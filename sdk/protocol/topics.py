@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from .errors import ProtocolError
 
@@ -28,7 +28,7 @@ PREFIX = f"{ROOT}/{VERSION}"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class DeviceTopic(str, Enum):
+class DeviceTopic(StrEnum):
     """The per-device topic kinds, in the order of the module docstring."""
 
     STATUS = "status"
