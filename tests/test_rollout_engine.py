@@ -1,0 +1,203 @@
+"""The rollout engine as a pure state machine: every transition, gates at their boundaries,
+restart from stored data. No broker, no database."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.rollout import (
+    Assign,
+    Gates,
+    Health,
+    Observation,
+    Phase,
+    Revert,
+    RolloutError,
+    Strategy,
+    command,
+    evaluate_gates,
+    new_rollout,
+    plan_waves,
+    step,
+)
+
+DEVICES = [f"d{i}" for i in range(10)]
+PREV = dict.fromkeys(DEVICES, "old")
+GOOD = Health(inferences=500, errors=2, p95_ms=5.0, availability=1.0)
+BASE = Health(inferences=500, errors=2, p95_ms=5.0, availability=1.0)
+
+
+def states(devices, value: str) -> dict[str, str]:
+    return dict.fromkeys(devices, value)
+
+
+@pytest.mark.parametrize(("canary", "waves", "expected"), [
+    (1, (0.5,), [1, 5, 4]),
+    (2, (3, 3), [2, 3, 3, 2]),
+    (0.1, (), [1, 9]),
+    (0, (), [10]),
+    (1, (0.5, 0.99), [1, 5, 4]),  # the last wave only takes what is left
+    (20, (), [10]),
+])
+def test_plan_waves(canary: float, waves: tuple[float, ...], expected: list[int]) -> None:
+    plan = plan_waves(DEVICES, Strategy(canary=canary, waves=waves))
+    assert [len(w) for w in plan] == expected
+    assert [d for w in plan for d in w] == DEVICES
+
+
+def test_invalid_strategies_are_refused() -> None:
+    with pytest.raises(RolloutError):
+        Strategy(canary=1.5)
+    with pytest.raises(RolloutError):
+        Strategy(soak_s=-1)
+    with pytest.raises(RolloutError):
+        plan_waves([], Strategy())
+
+
+def run_good_rollout() -> list:
+    r = new_rollout("r1", "new", DEVICES, PREV, Strategy(canary=1, waves=(0.5,), soak_s=60))
+    r, acts = step(r, Observation(now=0))
+    assert r.phase == Phase.INSTALLING and acts == [Assign(("d0",), "new")]
+    seen = [r.phase]
+    t = 0.0
+    for wave in r.waves:
+        t += 5
+        r, acts = step(r, Observation(now=t, device_states=states(wave, "downloading")))
+        assert r.phase == Phase.INSTALLING and acts == []
+        t += 5
+        r, acts = step(r, Observation(now=t, device_states=states(wave, "active")))
+        assert r.phase == Phase.SOAKING and acts == []
+        r, acts = step(r, Observation(now=t + 59, wave_health=GOOD, baseline=BASE))
+        assert r.phase == Phase.SOAKING and acts == []  # soak not over
+        t += 60
+        r, acts = step(r, Observation(now=t, wave_health=GOOD, baseline=BASE))
+        seen.append(r.phase)
+        if r.phase == Phase.INSTALLING:
+            assert acts == [Assign(r.waves[r.wave], "new")]
+    assert r.phase == Phase.COMPLETED and set(r.assigned) == set(DEVICES)
+    return [r, seen]
+
+
+def test_a_good_model_goes_canary_then_waves_then_completes() -> None:
+    r, seen = run_good_rollout()
+    assert seen == [Phase.INSTALLING, Phase.INSTALLING, Phase.INSTALLING, Phase.COMPLETED]
+    assert "completed on 10 device(s)" in r.history[-1]
+
+
+def test_a_smoke_test_failure_stops_at_the_canary_and_reverts_it() -> None:
+    r = new_rollout("r1", "new", DEVICES, PREV, Strategy(canary=2, waves=(0.5,)))
+    r, _ = step(r, Observation(now=0))
+    r, acts = step(r, Observation(now=3, device_states={"d0": "active", "d1": "failed"}))
+    assert r.phase == Phase.ROLLED_BACK
+    assert acts == [Revert((("d0", "old"), ("d1", "old")))]
+    assert "1 of 2 device(s) failed to install or smoke-test: d1" in r.reason
+    assert not set(r.assigned) - {"d0", "d1"}  # nobody outside the canary got the model
+    assert step(r, Observation(now=100)) == (r, [])  # final
+
+
+def test_the_install_failure_gate_at_its_boundary() -> None:
+    gates = Gates(max_install_failure_ratio=0.5)
+    r = new_rollout("r1", "new", DEVICES[:4], PREV, Strategy(canary=0, waves=()), gates)
+    r, _ = step(r, Observation(now=0))
+    r2, _ = step(r, Observation(now=1, device_states={"d0": "failed", "d1": "failed", "d2": "active", "d3": "active"}))
+    assert r2.phase == Phase.SOAKING  # 2/4 = 0.5 is allowed
+    r3, _ = step(r, Observation(now=1, device_states={"d0": "failed", "d1": "failed", "d2": "failed", "d3": "active"}))
+    assert r3.phase == Phase.ROLLED_BACK
+
+
+def test_offline_devices_time_out_into_a_clear_state_and_never_wedge() -> None:
+    r = new_rollout("r1", "new", DEVICES[:3], PREV, Strategy(canary=0, waves=(), install_timeout_s=30, soak_s=0))
+    r, _ = step(r, Observation(now=0))
+    r, _ = step(r, Observation(now=29, device_states={"d0": "active", "d1": "active"}))
+    assert r.phase == Phase.INSTALLING
+    r, _ = step(r, Observation(now=30, device_states={"d0": "active", "d1": "active"}))
+    assert r.phase == Phase.SOAKING and r.device_states["d2"] == "timeout"
+    assert "timed out (offline?): d2" in r.history[-1]
+    # a wave where nobody answers rolls back instead of soaking forever
+    r = new_rollout("r2", "new", DEVICES[:2], PREV, Strategy(canary=0, waves=(), install_timeout_s=30))
+    r, _ = step(r, Observation(now=0))
+    r, acts = step(r, Observation(now=31))
+    assert r.phase == Phase.ROLLED_BACK and "no device of the wave answered" in r.reason
+    assert acts == [Revert((("d0", "old"), ("d1", "old")))]
+
+
+def slow_wave(p95: float) -> tuple:
+    r = new_rollout("r1", "new", DEVICES, PREV, Strategy(canary=1, waves=(0.5,), soak_s=10))
+    r, _ = step(r, Observation(now=0))
+    r, _ = step(r, Observation(now=1, device_states={"d0": "active"}))
+    return step(r, Observation(now=11, wave_health=Health(inferences=100, errors=0, p95_ms=p95, availability=1.0),
+                               baseline=BASE))
+
+
+def test_the_latency_gate_at_its_boundary_and_a_3x_slower_model() -> None:
+    r, acts = slow_wave(6.0)  # +20 % exactly: allowed
+    assert r.phase == Phase.INSTALLING and r.wave == 1
+    r, acts = slow_wave(15.0)  # 3x slower
+    assert r.phase == Phase.ROLLED_BACK and acts == [Revert((("d0", "old"),))]
+    assert "p95_latency: p95 latency 15 ms vs 5 ms before (+200%; max +20%)" in r.reason
+    failed = [g for g in r.gate_results if not g.passed]
+    assert [g.gate for g in failed] == ["p95_latency"] and failed[0].value == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(("health", "base_errors", "gate"), [
+    (Health(inferences=100, errors=6, p95_ms=5, availability=1), 5, "error_rate"),
+    (Health(inferences=100, errors=5, p95_ms=5, availability=1), 2, "error_rate_increase"),
+    (Health(inferences=100, errors=0, p95_ms=5, availability=0.89), 2, "availability"),
+    (Health(inferences=100, errors=0, p95_ms=5, availability=1, accuracy=0.80, labelled=50), 2, "accuracy_drop"),
+])
+def test_each_gate_trips(health: Health, base_errors: int, gate: str) -> None:
+    base = Health(inferences=100, errors=base_errors, p95_ms=5, availability=1, accuracy=0.95, labelled=50)
+    results = {g.gate: g for g in evaluate_gates(Gates(), health, base)}
+    assert not results[gate].passed
+    assert all(g.passed for name, g in results.items() if name != gate)
+
+
+def test_too_little_traffic_is_not_judged_and_says_so() -> None:
+    results = evaluate_gates(Gates(min_inferences=20), Health(inferences=5, errors=5, p95_ms=100), BASE)
+    assert all(g.passed for g in results)
+    assert any("not judged: 5 inferences" in g.detail for g in results)
+
+
+def test_operator_commands() -> None:
+    r = new_rollout("r1", "new", DEVICES, PREV, Strategy(soak_s=10))
+    r, _ = step(r, Observation(now=0))
+    p, _ = command(r, "pause", now=1)
+    assert p.phase == Phase.PAUSED and step(p, Observation(now=100, device_states=states(DEVICES, "active")))[1] == []
+    with pytest.raises(RolloutError, match="not paused"):
+        command(r, "resume", now=2)
+    q, _ = command(p, "resume", now=50)
+    assert q.phase == Phase.INSTALLING and q.phase_since == 50
+    rb, acts = command(q, "rollback", now=51)
+    assert rb.phase == Phase.ROLLED_BACK and acts == [Revert((("d0", "old"),))]
+    a, acts = command(q, "abort", now=52)
+    assert a.phase == Phase.ABORTED and acts == []
+    with pytest.raises(RolloutError, match="already aborted"):
+        command(a, "abort", now=53)
+    s, _ = command(q, "supersede", now=54)
+    assert s.phase == Phase.SUPERSEDED
+    with pytest.raises(RolloutError, match="unknown rollout command"):
+        command(q, "explode", now=55)
+
+
+def test_a_stored_rollout_resumes_exactly_after_a_restart() -> None:
+    r = new_rollout("r1", "new", DEVICES, PREV, Strategy(canary=1, waves=(0.5,), soak_s=10))
+    r, _ = step(r, Observation(now=0))
+    r, _ = step(r, Observation(now=1, device_states={"d0": "active"}))
+    stored = json.dumps(r.to_dict())  # what the server writes to its database
+    back = type(r).from_dict(json.loads(stored))
+    assert back == r
+    a = step(r, Observation(now=11, wave_health=GOOD, baseline=BASE))
+    b = step(back, Observation(now=11, wave_health=GOOD, baseline=BASE))
+    assert a == b and a[0].wave == 1
+
+
+def test_rollback_scope_wave_reverts_only_the_failing_wave() -> None:
+    r = new_rollout("r1", "new", DEVICES[:4], PREV, Strategy(canary=1, waves=(), soak_s=0, rollback_scope="wave"))
+    r, _ = step(r, Observation(now=0))
+    r, _ = step(r, Observation(now=1, device_states={"d0": "active"}))
+    r, _ = step(r, Observation(now=1, wave_health=GOOD, baseline=BASE))
+    assert r.wave == 1
+    r, acts = step(r, Observation(now=2, device_states={"d1": "failed", "d2": "active", "d3": "active"}))
+    assert r.phase == Phase.ROLLED_BACK and acts == [Revert((("d1", "old"), ("d2", "old"), ("d3", "old")))]
