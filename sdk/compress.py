@@ -9,6 +9,7 @@ whatever the source format.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import statistics
 import tempfile
@@ -26,7 +27,9 @@ from .protocol.bundle import write_bundle
 from .protocol.frames import tensor_to_npy
 from .protocol.runtime import TFLiteModel
 
-QUANT_MODES = ("none", "dynamic", "float16", "int8")
+QUANT_MODES = ("none", "dynamic", "float16", "int8", "int16x8")
+#: Pruning levels ``--auto`` tries when training data is given.
+AUTO_PRUNE_LEVELS = (0.5, 0.8)
 LATENCY_RUNS = 200
 
 
@@ -87,6 +90,10 @@ def load_arrays(path: str | Path, *, need_y: bool, what: str) -> tuple[np.ndarra
         raise CompressionError(f"cannot read {what} file {p}: {exc}") from None
     if need_y and y is None:
         raise CompressionError(f"{what} file {p} has no array 'y' (labels)")
+    if x.dtype.kind not in "fiub":
+        raise CompressionError(f"{what} file {p}: x has dtype {x.dtype}, expected numbers (float32)")
+    if y is not None and (y.dtype.kind not in "iuf" or (y.dtype.kind == "f" and not np.all(np.mod(y, 1) == 0))):
+        raise CompressionError(f"{what} file {p}: y must hold integer class indexes, got dtype {y.dtype}")
     if y is not None and len(y) != len(x):
         raise CompressionError(f"{what} file {p}: x has {len(x)} rows but y has {len(y)}")
     return x, y
@@ -98,12 +105,20 @@ class Source:
     format: str
     size_bytes: int
     keras_model: Any = None
+    tflite: bytes | None = None
 
 
 def load_source(path: str | Path) -> Source:
     p = Path(path)
     if not p.exists():
         raise CompressionError(f"{p} does not exist")
+    if p.suffix == ".tflite" and p.is_file():
+        from .compression.tflite_info import is_tflite
+
+        data = p.read_bytes()
+        if not is_tflite(data):
+            raise CompressionError(f"{p} is not a TFLite model (no 'TFL3' flatbuffer identifier)")
+        return Source(p, "tflite", len(data), tflite=data)
     tf = _tf()
     if p.is_dir():
         if not (p / "saved_model.pb").exists():
@@ -111,7 +126,7 @@ def load_source(path: str | Path) -> Source:
         size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
         return Source(p, "saved_model", size)
     if p.suffix not in (".keras", ".h5"):
-        raise CompressionError(f"{p} is not a model: expected a .keras or .h5 file or a SavedModel directory")
+        raise CompressionError(f"{p} is not a model: expected a .keras, .h5 or .tflite file or a SavedModel directory")
     with open(p, "rb") as f:
         magic = f.read(8)
     if p.suffix == ".keras" and not magic.startswith(b"PK"):
@@ -134,12 +149,18 @@ def _input_shape(src: Source) -> list[int]:
     return []  # learnt from the float reference model instead
 
 
-def convert(src: Source, quantize: str, calibration: np.ndarray | None = None) -> bytes:
-    """Convert the source model to TFLite bytes with one quantization mode."""
+def convert(src: Source, quantize: str, calibration: np.ndarray | None = None, *, float_io: bool = False) -> bytes:
+    """Convert the source model to TFLite bytes with one quantization mode.
+
+    int8 is full-integer with int8 input/output unless ``float_io`` (then the model quantizes its
+    input and dequantizes its output itself); int16x8 keeps float input/output.
+    """
     if quantize not in QUANT_MODES:
         raise CompressionError(f"unknown quantization {quantize!r}: choose one of {', '.join(QUANT_MODES)}")
-    if quantize == "int8" and calibration is None:
-        raise CompressionError("int8 quantization needs a calibration set: pass --calibration FILE.npz (array x)")
+    if src.tflite is not None:
+        raise CompressionError(f"{src.path} is already a TFLite model: it is bundled as-is and cannot be re-quantized")
+    if quantize in ("int8", "int16x8") and calibration is None:
+        raise CompressionError(f"{quantize} quantization needs a calibration set: pass --calibration FILE.npz (array x)")
     tf = _tf()
     with quiet_native_output() as log:
         try:
@@ -160,8 +181,19 @@ def convert(src: Source, quantize: str, calibration: np.ndarray | None = None) -
 
                 conv.representative_dataset = representative
                 conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-                conv.inference_input_type = tf.int8
-                conv.inference_output_type = tf.int8
+                if not float_io:
+                    conv.inference_input_type = tf.int8
+                    conv.inference_output_type = tf.int8
+            if quantize == "int16x8":
+                cal16 = np.asarray(calibration, dtype=np.float32)
+
+                def representative16() -> Iterator[list[np.ndarray]]:
+                    for row in cal16[:500]:
+                        yield [row[None, ...]]
+
+                conv.representative_dataset = representative16
+                conv.target_spec.supported_ops = [
+                    tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
             return bytes(conv.convert())
         except Exception as exc:
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]
@@ -221,19 +253,35 @@ def classification_scores(probs: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     y = np.asarray(y).reshape(-1).astype(int)
     classes = sorted(set(y.tolist()))
     recall = {str(c): float(np.mean(pred[y == c] == c)) for c in classes}
+    counts = np.bincount(pred, minlength=probs.shape[-1])
+    top = int(np.argmax(counts))
     return {"accuracy": float(np.mean(pred == y)), "macro_recall": float(np.mean(list(recall.values()))),
-            "recall": recall, "n": len(y)}
+            "recall": recall, "n": len(y), "top_class": top, "top_class_share": float(counts[top] / len(y)),
+            "top_label_share": float(np.max(np.bincount(y)) / len(y))}
+
+
 
 
 @dataclass
 class Variant:
+    label: str
     quantization: str
     tflite: bytes
-    model: TFLiteModel
+    model: TFLiteModel | None
+    prune: float | None = None
+    float_io: bool = False
     scores: dict[str, Any] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict)
+    pruning: dict[str, Any] | None = None
+
+    @property
+    def gzip_bytes(self) -> int:
+        return len(gzip.compress(self.tflite, compresslevel=9, mtime=0))
 
     def describe(self) -> dict[str, Any]:
-        return {"quantization": self.quantization, "size_bytes": len(self.tflite), **self.scores}
+        return {"label": self.label, "quantization": self.quantization, "prune": self.prune,
+                "float_io": self.float_io, "size_bytes": len(self.tflite), "gzip_bytes": self.gzip_bytes,
+                **self.scores, "runtime": self.runtime, "pruning": self.pruning}
 
 
 @dataclass
@@ -245,35 +293,190 @@ class CompressResult:
     report: dict[str, Any]
 
 
+def _label(quantize: str, prune: float | None, float_io: bool) -> str:
+    q = "float32" if quantize == "none" else quantize + (" (float io)" if float_io else "")
+    return f"pruned {prune:.0%} + {q}" if prune else q
+
+
+def detect_quantization(info: dict[str, Any], in_spec: dict[str, Any]) -> str:
+    """Best guess of how a ready ``.tflite`` was quantized (for the manifest of a BYO model)."""
+    ops = {o["op"] for o in info["ops"]}
+    acts = set(info["activation_types"])
+    if "INT16" in acts:
+        return "int16x8"
+    if np.dtype(in_spec["dtype"]).kind in "iu" or ("INT8" in acts and "QUANTIZE" in ops):
+        return "int8"
+    if "DEQUANTIZE" in ops:
+        return "float16"
+    hybrid = any(o["version"] > 1 for o in info["ops"] if o["op"] in ("FULLY_CONNECTED", "CONV_2D"))
+    return "dynamic" if hybrid else "none"
+
+
+def _load(label: str, data: bytes, threads: int) -> tuple[TFLiteModel | None, str | None]:
+    from .protocol import BundleError
+
+    try:
+        with quiet_native_output():  # LiteRT announces its XNNPACK delegate on stderr
+            return TFLiteModel(data, num_threads=threads), None
+    except BundleError as exc:
+        return None, f"{label}: {exc}"
+
+
+def _runtime_info(v: Variant) -> dict[str, Any]:
+    from .compression.tflite_info import inspect_tflite, runtime_support
+    from .protocol.profiles import RUNTIMES
+
+    info = inspect_tflite(v.tflite)
+    info["host_loaded"] = v.model is not None
+    info["support"] = {}
+    for rt in RUNTIMES:
+        ok, why = runtime_support(info, rt, host_loaded=v.model is not None)
+        info["support"][rt] = {"ok": ok, "why": why}
+    return info
+
+
+def _check_eval(ev: tuple[np.ndarray, np.ndarray], spec_out: dict[str, Any], where: str) -> None:
+    n_out = spec_out["shape"][-1]
+    y = np.asarray(ev[1]).reshape(-1)
+    if len(y) and (y.min() < 0 or y.max() >= n_out):
+        raise CompressionError(f"{where}: labels run {int(y.min())}..{int(y.max())} but the model has {n_out} "
+                               f"outputs (labels must be class indexes 0..{n_out - 1})")
+
+
+def _clone(model: Any) -> Any:
+    import keras
+
+    c = keras.models.clone_model(model)
+    c.set_weights(model.get_weights())
+    return c
+
+
 def compress(
     model_path: str | Path,
     output: str | Path,
     *,
-    quantize: str = "dynamic",
+    quantize: str | None = "dynamic",
     calibration: str | Path | None = None,
     eval_data: str | Path | None = None,
     sample: str | Path | None = None,
     name: str | None = None,
     version: str | None = None,
     threads: int = 1,
+    float_io: bool = False,
+    prune: float | None = None,
+    train: str | Path | None = None,
+    prune_epochs: int = 4,
+    auto: bool = False,
+    max_accuracy_drop: float = 1.0,
+    target: str | None = None,
 ) -> CompressResult:
-    """Compress one model into a bundle; measure the float32 reference and the variant."""
+    """Compress one model into a bundle; measure the float32 reference and every variant tried.
+
+    Without ``auto`` one variant is built (optionally pruned to ``prune`` first, fine-tuned on
+    ``train``). With ``auto`` every quantization the target allows (× pruning levels when
+    ``train`` is given) is built and measured, and the smallest (gzip) within
+    ``max_accuracy_drop`` points of the float32 reference, loadable by the target's runtime, ships.
+    """
+    from .compression import select
+    from .compression.pruning import check_sparsity
+    from .compression.pruning import prune as run_prune
+
+    if prune is not None:
+        check_sparsity(prune)
+    if threads < 1:
+        raise CompressionError(f"--threads must be >= 1, got {threads}")
+    if quantize is not None and quantize not in QUANT_MODES:
+        raise CompressionError(f"unknown quantization {quantize!r}: choose one of {', '.join(QUANT_MODES)}")
+    profile = None
+    if target:
+        from .protocol.profiles import get_profile
+
+        profile = get_profile(target)
+    out = Path(output)
+    if out.parent and not out.parent.exists():
+        raise CompressionError(f"output directory {out.parent} does not exist")
+
     src = load_source(model_path)
     cal_x = load_arrays(calibration, need_y=False, what="calibration")[0] if calibration else None
     ev = load_arrays(eval_data, need_y=True, what="eval") if eval_data else None
+    tr = load_arrays(train, need_y=True, what="train") if train else None
+    if auto and ev is None:
+        raise CompressionError("--auto needs --eval FILE.npz (x, y): the accuracy budget is measured on it")
+    if src.tflite is not None and (prune is not None or tr is not None):
+        raise CompressionError(f"{src.path} is a TFLite model: pruning needs the Keras model")
+    if src.tflite is not None and quantize not in (None, "none", "dynamic") and not auto:
+        raise CompressionError(f"{src.path} is already a TFLite model: it is bundled as-is and cannot be "
+                               f"re-quantized to {quantize}")
 
-    reference = convert(src, "none")
-    with quiet_native_output():  # LiteRT announces its XNNPACK delegate on stderr
-        ref_model = TFLiteModel(reference, num_threads=threads)
-    in_spec = ref_model.input_spec
+    # The float32 reference: converted from the unpruned source (for a .tflite: the file itself).
+    reference = src.tflite if src.tflite is not None else convert(src, "none")
+    ref_model, err = _load("reference", reference, threads)
+    if ref_model is None:
+        raise CompressionError(f"{src.path}: {err}")
+    in_spec, out_spec = ref_model.input_spec, ref_model.output_spec
     if cal_x is not None:
         cal_x = _fit_batch_shape(cal_x.astype(np.float32), in_spec)
         if len(cal_x) < 10:
             raise CompressionError(f"calibration set has {len(cal_x)} rows; int8 needs at least 10 (100+ recommended)")
-    variant_bytes = reference if quantize == "none" else convert(src, quantize, cal_x)
-    with quiet_native_output():
-        variant = Variant(quantize, variant_bytes, TFLiteModel(variant_bytes, num_threads=threads))
-    ref = Variant("none", reference, ref_model)
+    if ev is not None:
+        ev = (_fit_batch_shape(ev[0].astype(np.float32), in_spec), ev[1])
+        _check_eval(ev, out_spec, f"eval file {eval_data}")
+    if tr is not None:
+        tr = (_fit_batch_shape(tr[0].astype(np.float32), in_spec), tr[1])
+        _check_eval(tr, out_spec, f"train file {train}")
+
+    # What to build.
+    plan: list[tuple[float | None, str]]
+    skipped: list[str] = []
+    if src.tflite is not None:
+        from .compression.tflite_info import inspect_tflite
+
+        plan = [(None, detect_quantization(inspect_tflite(src.tflite), in_spec))]
+    elif auto:
+        modes = list(profile.quantizations) if profile else list(QUANT_MODES)
+        if cal_x is None:
+            skipped += [f"{m}: no calibration set (--calibration)" for m in modes if m in ("int8", "int16x8")]
+            modes = [m for m in modes if m not in ("int8", "int16x8")]
+        levels: list[float | None] = [None]
+        if tr is not None:
+            levels += [prune] if prune is not None else list(AUTO_PRUNE_LEVELS)
+        elif prune is not None:
+            levels += [prune]
+        plan = [(lv, m) for lv in levels for m in modes]
+    else:
+        plan = [(prune, quantize or "dynamic")]
+
+    ref = Variant("float32 (reference)", "none", reference, ref_model)
+    variants: list[Variant] = []
+    pruned_models: dict[float, tuple[Any, dict[str, Any]]] = {}
+    for level, mode in plan:
+        if src.tflite is not None:
+            v = Variant(f"{mode} (as given)", mode, src.tflite, ref_model)
+            variants.append(v)
+            continue
+        s = src
+        stats = None
+        if level is not None:
+            if level not in pruned_models:
+                with quiet_native_output():
+                    pr = run_prune(_clone(src.keras_model), level, x=tr[0] if tr else None, y=tr[1] if tr else None,
+                                   epochs=prune_epochs)
+                pruned_models[level] = (pr.model, pr.stats)
+            s = Source(src.path, src.format, src.size_bytes, pruned_models[level][0])
+            stats = pruned_models[level][1]
+        fio = float_io and mode == "int8"
+        label = _label(mode, level, fio)
+        try:
+            data = reference if (mode == "none" and level is None) else convert(s, mode, cal_x, float_io=fio)
+        except CompressionError as exc:
+            if not auto:
+                raise
+            skipped.append(f"{label}: {exc}")
+            continue
+        model, err = _load(label, data, threads)
+        if model is None and not auto:
+            raise CompressionError(err or label)
+        variants.append(Variant(label, mode, data, model, prune=level, float_io=fio, pruning=stats))
 
     # The smoke-test sample: given, else a calibration/eval row, else seeded noise.
     if sample is not None:
@@ -282,51 +485,93 @@ def compress(
     elif cal_x is not None:
         sx = cal_x[:1]
     elif ev is not None:
-        sx = _fit_batch_shape(ev[0].astype(np.float32), in_spec)[:1]
+        sx = ev[0][:1]
     else:
         shape = [1 if d == -1 else d for d in in_spec["shape"]]
         sx = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     sx = sx.astype(np.float32)
 
-    v_in, v_out = variant.model.input_spec, variant.model.output_spec
-    sample_in = _quantize_input(sx, v_in)
-    sample_out = variant.model.run(sample_in)
-    integer_out = np.dtype(v_out["dtype"]).kind in "iu"
-    atol, rtol = (1.0, 0.0) if integer_out else (1e-3, 1e-3)
-
-    for v in (ref, variant):
+    ref_probs = predict(ref_model, ev[0]) if ev is not None else None
+    cal_shift = None
+    if cal_x is not None and ev is not None:
+        span = float(np.ptp(ev[0])) or 1.0
+        cal_shift = max(abs(float(cal_x.min()) - float(ev[0].min())), abs(float(cal_x.max()) - float(ev[0].max()))) / span
+    for v in (ref, *variants):
+        v.runtime = _runtime_info(v)
+        if v.model is None:
+            continue
         v.scores["latency_ms"] = latency_ms(v.model, _quantize_input(sx, v.model.input_spec))
         if ev is not None:
-            probs = predict(v.model, ev[0])
+            probs = ref_probs if v is ref else predict(v.model, ev[0])
             v.scores.update(classification_scores(probs, ev[1]))
-            if v is variant:
-                ref_probs = predict(ref.model, ev[0])
+            if v is not ref:
                 v.scores["max_deviation"] = float(np.max(np.abs(probs - ref_probs)))
                 v.scores["mean_deviation"] = float(np.mean(np.abs(probs - ref_probs)))
+    reference_d = ref.describe()
+    described = [v.describe() for v in variants]
+    warnings: list[str] = list(skipped)
+    for d in described:
+        d["collapse"] = select.diagnose_collapse(d, reference_d, calibration_rows=None if cal_x is None else len(cal_x),
+                                                 calibration_shift=cal_shift)
+        d["accuracy_drop_points"] = select.drop_points(reference_d, d)
+    if not variants:
+        raise CompressionError("no variant could be built: " + "; ".join(skipped))
+
+    if auto:
+        best = select.choose(described, reference_d, max_drop=max_accuracy_drop, profile=profile)
+        chosen = variants[described.index(best)]
+        why = (f"smallest compressed size ({best['gzip_bytes']:,} B gzip) among {sum(d['eligible'] for d in described)} "
+               f"of {len(described)} candidates within {max_accuracy_drop:g} accuracy points"
+               + (f" that {profile.name} ({profile.runtime}) can load" if profile else ""))
+    else:
+        chosen, best = variants[0], described[0]
+        if chosen.model is None:
+            raise CompressionError(f"the host runtime cannot load {chosen.label}")
+        reasons = select.constraints(best, profile)
+        if reasons:
+            raise CompressionError(f"{chosen.label} does not suit {profile.name if profile else 'the host'}: "
+                                   + "; ".join(reasons))
+        best["chosen"] = True
+        why = "requested"
+    warnings += [d["collapse"] for d in described if d.get("collapse")]
+    assert chosen.model is not None
+
+    v_in, v_out = chosen.model.input_spec, chosen.model.output_spec
+    sample_in = _quantize_input(sx, v_in)
+    sample_out = chosen.model.run(sample_in)
+    integer_out = np.dtype(v_out["dtype"]).kind in "iu"
+    atol, rtol = (1.0, 0.0) if integer_out else (1e-3, 1e-3)
 
     name = name or Path(model_path).name.split(".")[0]
     version = version or datetime.now(UTC).strftime("%Y%m%d.%H%M%S")
     report = {
         "source": {"path": str(src.path), "format": src.format, "size_bytes": src.size_bytes},
-        "reference": ref.describe(),
-        "variant": variant.describe(),
+        "reference": reference_d,
+        "variant": best,
+        "candidates": described,
+        "selection": {"mode": "auto" if auto else "fixed", "max_accuracy_drop_points": max_accuracy_drop if auto else None,
+                      "target": profile.to_dict() if profile else None, "chosen": chosen.label, "why": why,
+                      "size_measure": "gzip bytes (bundles travel deflated)"},
+        "warnings": warnings,
         "threads": threads,
-        "host_runtime": variant.model.backend,
+        "host_runtime": chosen.model.backend,
     }
+    rt = chosen.runtime
     manifest = {
         "name": name,
         "version": version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "quantization": quantize,
+        "quantization": chosen.quantization,
         "model": {"file": "model.tflite", "inputs": [v_in], "outputs": [v_out]},
         "sample": {"input": "sample_input.npy", "output": "sample_output.npy", "atol": atol, "rtol": rtol},
+        "requires": {"tflite_ops": rt["ops"], "custom_ops": rt["custom_ops"],
+                     "min_runtime_version": rt["min_runtime_version"],
+                     "runtimes": {k: v["ok"] for k, v in rt["support"].items()}},
+        "target": profile.name if profile else None,
         "report": report,
     }
-    files = {"model.tflite": variant_bytes, "sample_input.npy": tensor_to_npy(sample_in),
+    files = {"model.tflite": chosen.tflite, "sample_input.npy": tensor_to_npy(sample_in),
              "sample_output.npy": tensor_to_npy(sample_out)}
-    out = Path(output)
-    if out.parent and not out.parent.exists():
-        raise CompressionError(f"output directory {out.parent} does not exist")
     sha = write_bundle(out, manifest, files)
     report["bundle"] = {"path": str(out), "sha256": sha, "size_bytes": out.stat().st_size}
     return CompressResult(out, sha, out.stat().st_size, manifest, report)
