@@ -1,9 +1,10 @@
 """``edgectl-agent``: the command line of the device agent.
 
     edgectl-agent --device-id pi-1 --data /var/lib/edgectl --broker mqtt://fleet:1883 --label group=lab
+    edgectl-agent --config /etc/edgectl/agent.toml          # the same keys in a file; flags override
 
-Exit codes: 0 after SIGTERM/SIGINT (retained ``offline`` published), 2 for bad arguments,
-1 when the data directory cannot be used.
+Exit codes: 0 after SIGTERM/SIGINT (retained ``offline`` published), 2 for bad arguments or a bad
+config file, 1 when the data directory cannot be used.
 """
 
 from __future__ import annotations
@@ -13,19 +14,27 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 from sdk.protocol import topics
-from sdk.protocol.errors import ProtocolError
+from sdk.protocol.errors import EdgeError, ProtocolError
 from sdk.protocol.messages import Status
+from sdk.protocol.profiles import Profile, get_profile
 
+from .config import ConfigError, load_config
 from .core import AGENT_VERSION, Agent
+from .health import SystemdNotifier
 from .slots import DataDir
 from .transport import MqttTransport, parse_broker_url
 
 log = logging.getLogger("edgectl.agent")
 PROG = "edgectl-agent"
+
+DEFAULTS: dict[str, Any] = {"broker": "mqtt://127.0.0.1:1883", "labels": {}, "profile": "",
+                            "heartbeat": 5.0, "telemetry_interval": 5.0, "threads": None,
+                            "log_level": "INFO", "username": None, "password_file": None}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,11 +65,11 @@ def _broker(value: str) -> str:
     return value
 
 
-def _positive(kind: type) -> object:
-    def parse(value: str) -> float | int:
+def _positive(kind: type) -> Callable[[Any], float | int]:
+    def parse(value: Any) -> float | int:
         try:
             number = kind(value)
-        except ValueError:
+        except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(f"{value!r} is not a {kind.__name__}") from None
         if not number > 0:
             raise argparse.ArgumentTypeError(f"{value!r} must be > 0")
@@ -72,42 +81,104 @@ def _positive(kind: type) -> object:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Run TFLite models delivered by edgectl-server over MQTT.")
-    p.add_argument("--device-id", required=True, type=_device_id, help="this device's id (e.g. pi-1)")
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", type=_broker,
-                   help="MQTT broker URL, mqtt://HOST[:PORT] (default: %(default)s)")
-    p.add_argument("--data", required=True, help="data directory (state, model slots, downloads)")
-    p.add_argument("--label", action="append", default=[], type=_label, metavar="KEY=VALUE",
-                   help="a label reported in the status, e.g. group=lab (repeatable)")
-    p.add_argument("--profile", default="", help="device profile name (default: none)")
-    p.add_argument("--heartbeat", default=5.0, type=_positive(float), metavar="S",
-                   help="seconds between heartbeats (default: %(default)s)")
-    p.add_argument("--telemetry-interval", default=5.0, type=_positive(float), metavar="S",
-                   help="seconds between telemetry aggregates (default: %(default)s)")
-    p.add_argument("--threads", default=1, type=_positive(int), metavar="N",
-                   help="TFLite interpreter threads (default: %(default)s)")
-    p.add_argument("--log-level", default="INFO", type=str.upper,
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(default: %(default)s)")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file with any of the settings below (e.g. /etc/edgectl/agent.toml); flags override it")
+    p.add_argument("--device-id", type=_device_id, help="this device's id (e.g. pi-1)")
+    p.add_argument("--broker", type=_broker,
+                   help=f"MQTT broker URL, mqtt://HOST[:PORT] (default: {DEFAULTS['broker']})")
+    p.add_argument("--data", help="data directory (state, model slots, downloads)")
+    p.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE",
+                   help="a label reported in the status, e.g. group=lab (repeatable; replaces the file's labels)")
+    p.add_argument("--profile", help="device profile (raspberry-pi-4, jetson-nano, ...: `edgectl devices profiles`); "
+                                     "picks the runtime, delegate and thread count")
+    p.add_argument("--heartbeat", type=_positive(float), metavar="S",
+                   help=f"seconds between heartbeats (default: {DEFAULTS['heartbeat']:g})")
+    p.add_argument("--telemetry-interval", type=_positive(float), metavar="S",
+                   help=f"seconds between telemetry aggregates (default: {DEFAULTS['telemetry_interval']:g})")
+    p.add_argument("--threads", type=_positive(int), metavar="N",
+                   help="TFLite interpreter threads (default: the profile's, else 1)")
+    p.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help=f"(default: {DEFAULTS['log_level']})")
     p.add_argument("--version", action="version", version=f"{PROG} {AGENT_VERSION}")
     return p
 
 
+def _fail(message: str, code: int = 2) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags over the config file over defaults, every value checked as if it were a flag."""
+    try:
+        conf = load_config(args.config) if args.config else {}
+    except ConfigError as exc:
+        _fail(str(exc))
+    where = f"config file {args.config}: " if args.config else ""
+    s: dict[str, Any] = {**DEFAULTS, **conf}
+    checks: dict[str, Callable[[Any], Any]] = {
+        "device_id": _device_id, "broker": _broker, "heartbeat": _positive(float),
+        "telemetry_interval": _positive(float), "threads": _positive(int)}
+    for key, check in checks.items():
+        if key in conf:
+            try:
+                s[key] = check(conf[key])
+            except argparse.ArgumentTypeError as exc:
+                _fail(f"{where}{key}: {exc}")
+    if "labels" in conf:
+        try:
+            s["labels"] = dict(_label(f"{k}={v}") for k, v in conf["labels"].items())
+        except argparse.ArgumentTypeError as exc:
+            _fail(f"{where}labels: {exc}")
+    if "log_level" in conf and str(conf["log_level"]).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        _fail(f"{where}log_level must be DEBUG, INFO, WARNING or ERROR")
+    s["log_level"] = str(s["log_level"]).upper()
+    for key in ("device_id", "broker", "data", "profile", "heartbeat", "telemetry_interval", "threads", "log_level"):
+        if getattr(args, key) is not None:
+            s[key] = getattr(args, key)
+    if args.label is not None:
+        s["labels"] = dict(args.label)
+    for key, flag in (("device_id", "--device-id"), ("data", "--data")):
+        if not s.get(key):
+            _fail(f"{flag} is required (or `{key}` in the --config file)")
+    if len(s["labels"]) > 32:
+        _fail("at most 32 labels are allowed")
+    return s
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if len(args.label) > 32:
-        print(f"{PROG}: error: at most 32 labels are allowed", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+    s = resolve(args)
+    profile: Profile | None = None
+    if s["profile"]:
+        try:
+            profile = get_profile(s["profile"])
+        except EdgeError as exc:
+            _fail(str(exc))
+    password = None
+    if s["password_file"]:
+        try:
+            password = Path(s["password_file"]).read_text().strip()
+        except OSError as exc:
+            _fail(f"cannot read password_file {s['password_file']}: {exc.strerror or exc}", 1)
+    threads = s["threads"] or (profile.threads if profile else 1)
+    logging.basicConfig(level=s["log_level"], stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        data = DataDir(args.data)
+        data = DataDir(s["data"])
+        restarts = data.record_start()
     except OSError as exc:
-        print(f"{PROG}: error: cannot use data directory {args.data}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"{PROG}: error: cannot use data directory {s['data']}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    transport = MqttTransport(args.broker, args.device_id,
-                              will=(topics.status(args.device_id), Status(state="offline").encode()),
-                              keepalive=max(5, min(60, int(args.heartbeat * 3))))
-    agent = Agent(args.device_id, transport, data, labels=dict(args.label), profile=args.profile,
-                  heartbeat_s=args.heartbeat, telemetry_s=args.telemetry_interval, threads=args.threads)
+    device_id = s["device_id"]
+    transport = MqttTransport(s["broker"], device_id,
+                              will=(topics.status(device_id), Status(state="offline").encode()),
+                              keepalive=max(5, min(60, int(s["heartbeat"] * 3))),
+                              username=s["username"], password=password)
+    agent = Agent(device_id, transport, data, labels=s["labels"], profile=profile.name if profile else "",
+                  heartbeat_s=s["heartbeat"], telemetry_s=s["telemetry_interval"], threads=threads,
+                  runtime=profile.runtime if profile else None,
+                  delegate=profile.delegate if profile else "xnnpack", restarts=restarts)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -116,12 +187,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("%s %s starting: device %s, broker %s, data %s", PROG, AGENT_VERSION, args.device_id,
-             args.broker, args.data)
+    log.info("%s %s starting: device %s, broker %s, data %s, profile %s, runtime %s, %d thread(s), "
+             "start #%d", PROG, AGENT_VERSION, device_id, s["broker"], s["data"], s["profile"] or "-",
+             agent.runtime or "none", threads, restarts + 1)
+    notifier = SystemdNotifier()
     agent.start()
-    while not stop.wait(1.0):
-        pass
+    notifier.notify("READY=1")
+    every = min(1.0, notifier.watchdog_s or 1.0)
+    while not stop.wait(every):
+        if notifier.watchdog_s is not None:
+            if agent.alive():
+                notifier.notify("WATCHDOG=1")
+            else:  # a stuck worker: stop pinging and let systemd restart us
+                log.error("an agent thread is stuck or dead; withholding the watchdog ping")
+    notifier.notify("STOPPING=1")
     agent.stop()
+    notifier.close()
     log.info("stopped")
     return 0
 

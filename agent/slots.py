@@ -120,6 +120,14 @@ class DataDir:
         atomic_write(self.state_path, json.dumps(state, indent=2, sort_keys=True).encode())
         self.state = state
 
+    def record_start(self) -> int:
+        """Count this start of the agent (persisted); returns how many starts came before it."""
+        with self._lock:
+            starts = self.state.get("starts", 0)
+            starts = starts if isinstance(starts, int) and not isinstance(starts, bool) and starts >= 0 else 0
+            self._save({**self.state, "starts": starts + 1})
+            return starts
+
     def take_seq(self) -> int:
         """The next telemetry sequence number, persisted before it is returned so that seq
         stays strictly increasing across restarts."""

@@ -30,7 +30,7 @@ class MqttTransport:
     """A paho MQTT v5 client with a last will, automatic reconnect and a bounded send queue."""
 
     def __init__(self, url: str, client_id: str, *, will: tuple[str, bytes] | None = None,
-                 keepalive: int = 30):
+                 keepalive: int = 30, username: str | None = None, password: str | None = None):
         self.host, self.port = parse_broker_url(url)
         self.keepalive = keepalive
         self._stopping = False
@@ -38,6 +38,8 @@ class MqttTransport:
         self.connected = threading.Event()
         self._client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                    client_id=client_id, protocol=mqtt.MQTTv5)
+        if username:
+            self._client.username_pw_set(username, password)
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)

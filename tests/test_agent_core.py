@@ -214,7 +214,7 @@ class AgentProc:
     def __init__(self, broker_url: str, device_id: str, data: Path, log: Path):
         self.args = [sys.executable, "-m", "agent.main", "--device-id", device_id, "--broker", broker_url,
                      "--data", str(data), "--heartbeat", "1", "--telemetry-interval", "1",
-                     "--label", "group=lab", "--profile", "rpi4", "--log-level", "DEBUG"]
+                     "--label", "group=lab", "--profile", "raspberry-pi-4", "--log-level", "DEBUG"]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -282,7 +282,7 @@ def test_deploy_goes_through_every_state(env: Env) -> None:
     assert states == ["downloading", "verifying", "smoke_testing", "active"]
     status = _status(srv.wait(is_status(env, "online", good.sha), start))
     assert status.active is not None and status.active.version == "1.0"
-    assert status.labels == {"group": "lab"} and status.profile == "rpi4"
+    assert status.labels == {"group": "lab"} and status.profile == "raspberry-pi-4"
     assert status.runtime and status.agent_version == "0.1.0" and status.heartbeat_s == 1.0
     fetches = [messages.decode("fetch", m.payload) for m in srv.of("fetch", start)]
     assert len(fetches) > 1 and all(len(f.indexes) <= 16 for f in fetches)
