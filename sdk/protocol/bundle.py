@@ -23,6 +23,8 @@ from .errors import BundleError
 FORMAT = "edgectl-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: Optional detached signature over the exact bytes of manifest.json (see :mod:`.signing`).
+SIGNATURE = "signature.json"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_FILE_BYTES = 2 * 1024**3
 QUANTIZATIONS = ("none", "dynamic", "float16", "int8", "int16x8")
@@ -46,19 +48,35 @@ def tensor_spec(name: str, shape: list[int], dtype: str, quantization: tuple[flo
             "quantization": [float(quantization[0]), int(quantization[1])]}
 
 
-def write_bundle(path: str | Path, manifest: dict[str, Any], files: dict[str, bytes]) -> str:
-    """Write a bundle atomically (temp file + rename); fills in ``files``; returns its sha256."""
+def manifest_bytes(manifest: dict[str, Any], files: dict[str, bytes]) -> bytes:
+    """The canonical manifest.json bytes for these files (what gets signed)."""
     manifest = dict(manifest)
     manifest.setdefault("format", FORMAT)
     manifest.setdefault("format_version", FORMAT_VERSION)
     manifest["files"] = {name: {"sha256": sha256_bytes(data), "size": len(data)}
                          for name, data in sorted(files.items())}
     validate_manifest(manifest, set(files))
+    return json.dumps(manifest, indent=2, sort_keys=True).encode()
+
+
+def write_bundle(path: str | Path, manifest: dict[str, Any], files: dict[str, bytes], *,
+                 signer: Any = None) -> str:
+    """Write a bundle atomically (temp file + rename); fills in ``files``; returns its sha256.
+
+    ``signer(manifest_bytes) -> bytes`` (see :func:`sdk.protocol.signing.signer`) adds a signature.
+    """
+    head = manifest_bytes(manifest, files)
+    return _write_entries(path, head, files, signer(head) if signer is not None else None)
+
+
+def _write_entries(path: str | Path, head: bytes, files: dict[str, bytes], signature: bytes | None) -> str:
+    entries = [(MANIFEST, head), *sorted(files.items())]
+    if signature is not None:
+        entries.append((SIGNATURE, signature))
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         # Fixed timestamps keep the bundle's sha256 a function of its content alone.
-        for name, data in [(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode()),
-                           *sorted(files.items())]:
+        for name, data in entries:
             info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, data)
@@ -70,6 +88,12 @@ def write_bundle(path: str | Path, manifest: dict[str, Any], files: dict[str, by
         f.flush()
     tmp.replace(path)
     return sha256_bytes(data)
+
+
+def resign(path: str | Path, signer: Any) -> str:
+    """Add (or replace) the signature of an existing bundle, after verifying it; returns its sha256."""
+    b = read_bundle(path)
+    return _write_entries(path, b.manifest_bytes, b.files, signer(b.manifest_bytes))
 
 
 def _need(cond: bool, why: str) -> None:
@@ -90,7 +114,7 @@ def validate_manifest(m: Any, present: set[str] | None = None) -> None:
     files = m["files"]
     _need(isinstance(files, dict) and files, "files must be a non-empty object")
     for name, entry in files.items():
-        _need(isinstance(name, str) and name != MANIFEST and "/" not in name and not name.startswith("."),
+        _need(isinstance(name, str) and name not in (MANIFEST, SIGNATURE) and "/" not in name and not name.startswith("."),
               f"file name {name!r} is not allowed")
         _need(isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
               and isinstance(entry.get("size"), int) and 0 <= entry["size"] <= MAX_FILE_BYTES,
@@ -123,6 +147,9 @@ class Bundle:
     files: dict[str, bytes]
     sha256: str
     size: int
+    #: The exact manifest bytes (what a signature covers) and the signature file, if any.
+    manifest_bytes: bytes = b""
+    signature: bytes | None = None
 
     @property
     def model_bytes(self) -> bytes:
@@ -170,10 +197,14 @@ def _read_bundle(source: str | Path | bytes) -> Bundle:
         if infos[MANIFEST].file_size > MAX_MANIFEST_BYTES:
             raise BundleError(f"{where}: {MANIFEST} is too large")
         try:
-            manifest = json.loads(zf.read(MANIFEST))
+            manifest_bytes = zf.read(MANIFEST)
+            manifest = json.loads(manifest_bytes)
         except (ValueError, zipfile.BadZipFile, OSError, zlib.error, EOFError) as exc:
             raise BundleError(f"{where}: {MANIFEST} is unreadable: {exc}") from None
-        present = set(names) - {MANIFEST}
+        present = set(names) - {MANIFEST, SIGNATURE}
+        signature = zf.read(SIGNATURE) if SIGNATURE in names and infos[SIGNATURE].file_size < 64 * 1024 else None
+        if SIGNATURE in names and signature is None:
+            raise BundleError(f"{where}: {SIGNATURE} is too large")
         validate_manifest(manifest, present)
         files: dict[str, bytes] = {}
         for name, entry in manifest["files"].items():
@@ -187,4 +218,5 @@ def _read_bundle(source: str | Path | bytes) -> Bundle:
             if digest != entry["sha256"]:
                 raise BundleError(f"{where}: {name} has sha256 {digest[:16]}…, manifest says {entry['sha256'][:16]}…")
             files[name] = content
-    return Bundle(manifest=manifest, files=files, sha256=sha256_bytes(data), size=len(data))
+    return Bundle(manifest=manifest, files=files, sha256=sha256_bytes(data), size=len(data),
+                  manifest_bytes=manifest_bytes, signature=signature)
