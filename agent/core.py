@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,8 +35,10 @@ from sdk.protocol import frames, messages, topics
 from sdk.protocol.bundle import read_bundle
 from sdk.protocol.errors import BundleError, ModelInputError, ProtocolError
 from sdk.protocol.messages import ActiveModel, Desired, Reported, Status
-from sdk.protocol.runtime import TFLiteModel, backend_name, check_sample
+from sdk.protocol.runtime import TFLiteModel, check_sample, select_backend
 
+from .drift import DriftRecorder
+from .health import disk_free_bytes, temperature_c
 from .machine import Event, State, step
 from .slots import DataDir
 from .telemetry import Aggregator
@@ -57,11 +59,24 @@ class Transport(Protocol):
     def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None: ...
 
 
+class Model(Protocol):
+    """What the agent needs from a loaded model (:class:`TFLiteModel`, or a simulator's stub)."""
+
+    backend: str
+    delegate: str
+
+    def run(self, x: Any) -> Any: ...
+
+
+#: Builds a model from a bundle's ``model.tflite`` bytes; raises BundleError when it cannot.
+ModelFactory = Callable[[bytes], Model]
+
+
 @dataclass(frozen=True)
 class Serving:
     """The model that answers inference requests; swapped as a whole under the agent's lock."""
 
-    model: TFLiteModel
+    model: Model
     info: ActiveModel
 
 
@@ -94,7 +109,8 @@ class Agent:
                  labels: dict[str, str] | None = None, profile: str = "", heartbeat_s: float = 5.0,
                  telemetry_s: float = 5.0, threads: int = 1, stall_s: float = 20.0,
                  retries: int = 3, window: int = 16, infer_queue: int = 32,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, runtime: str | None = None,
+                 delegate: str = "xnnpack", restarts: int = 0, model_factory: ModelFactory | None = None):
         self.device_id = topics.check_id(device_id)
         self.transport, self.data = transport, data
         self.labels, self.profile = dict(labels or {}), profile
@@ -102,12 +118,24 @@ class Agent:
         self.stall_s, self.max_retries = stall_s, retries
         self.window = max(1, min(window, messages.Fetch.MAX_INDEXES))
         self.clock = clock
-        try:
-            self.runtime = backend_name()
-        except BundleError as exc:
-            log.error("%s", exc)
-            self.runtime = ""
+        self.delegate, self.restarts = delegate, restarts
+        self.runtime_version = ""
+        if model_factory is None:
+            try:
+                plugin = select_backend(runtime)[0]
+                self.runtime, self.runtime_version = plugin.module, plugin.version()
+            except BundleError as exc:
+                log.error("%s", exc)
+                self.runtime = ""
+
+            def model_factory(data: bytes) -> Model:
+                return TFLiteModel(data, num_threads=self.threads, backend=runtime, delegate=delegate)
+        else:
+            self.runtime = "stub"
+        self.model_factory: ModelFactory = model_factory
+        self._last_tick = clock()
         self.telemetry = Aggregator(clock)
+        self.drift = DriftRecorder()  # input/output summary + sampled predictions per interval
         self.state = State.IDLE
         self._lock = threading.Lock()  # guards _serving
         self._serving: Serving | None = None
@@ -132,7 +160,7 @@ class Agent:
             log.info("no model installed yet; waiting for a desired state")
             return
         try:
-            model = TFLiteModel(loaded.bundle.model_bytes, num_threads=self.threads)
+            model = self.model_factory(loaded.bundle.model_bytes)
         except BundleError as exc:
             log.error("installed model %s %s (slot %s) does not load: %s", loaded.model.name,
                       loaded.model.version, loaded.slot, exc)
@@ -163,6 +191,29 @@ class Agent:
         self._cancel_download()
         self.transport.stop(final=(topics.status(self.device_id), Status(state="offline").encode()),
                             timeout=timeout)
+
+    def alive(self, stale_s: float = 30.0) -> bool:
+        """True while every worker thread runs and the ticker ticked recently (the watchdog's test)."""
+        return (bool(self._threads) and all(t.is_alive() for t in self._threads)
+                and self.clock() - self._last_tick < stale_s)
+
+    def health(self) -> dict[str, Any]:
+        """The board and the agent, flat, for ``Telemetry.health``."""
+        with self._lock:
+            serving = self._serving
+        h: dict[str, Any] = {
+            "uptime_s": round(self.clock() - self._started, 1), "restarts": self.restarts,
+            "runtime": self.runtime or "none", "runtime_version": self.runtime_version,
+            "delegate": serving.model.delegate if serving else self.delegate,
+            "threads": self.threads, "profile": self.profile,
+            "queue_depth": self._infer_q.qsize(), "dropped": getattr(self.transport, "dropped", 0),
+        }
+        temp, free = temperature_c(), disk_free_bytes(self.data.root)
+        if temp is not None:
+            h["temp_c"] = temp
+        if free is not None:
+            h["disk_free_bytes"] = free
+        return h
 
     @property
     def active(self) -> ActiveModel | None:
@@ -229,7 +280,7 @@ class Agent:
         next_hb = self.clock() + self.heartbeat_s
         next_tel = self.clock() + self.telemetry_s
         while not self._stop.wait(0.5):
-            now = self.clock()
+            now = self._last_tick = self.clock()
             try:
                 if now >= next_hb:
                     next_hb = now + self.heartbeat_s
@@ -266,6 +317,8 @@ class Agent:
         active = self.active
         msg = self.telemetry.snapshot(seq, artifact=active.artifact if active else None,
                                       model_version=active.version if active else None)
+        msg = replace(msg, health=self.health())
+        msg = replace(msg, **self.drift.snapshot())
         self.transport.publish(topics.telemetry(self.device_id), msg.encode(), qos=1)
 
     def _transition(self, event: Event) -> None:
@@ -302,6 +355,8 @@ class Agent:
             t0 = time.perf_counter()
             y = serving.model.run(x)
             ms = (time.perf_counter() - t0) * 1000.0
+            corr = _props_get(props, "CorrelationData")
+            self.drift.record(x, y, bytes(corr).hex() if corr else None)
         except (ProtocolError, ModelInputError) as exc:
             log.warning("inference request on %s rejected: %s", self.topics["infer"], exc)
             self._answer(props, frames.InferResponse(
@@ -479,7 +534,7 @@ class Agent:
         self._transition(Event.VERIFIED)
         self._report(d, State.SMOKE_TESTING)
         try:
-            model = TFLiteModel(bundle.model_bytes, num_threads=self.threads)
+            model = self.model_factory(bundle.model_bytes)
             x, expected = bundle.sample()
             sample = bundle.manifest["sample"]
             diff = check_sample(model, x, expected, float(sample["atol"]), float(sample["rtol"]))

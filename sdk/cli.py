@@ -24,6 +24,8 @@ devices_app = typer.Typer(no_args_is_help=True, help="Devices known to the serve
 fleet_app = typer.Typer(no_args_is_help=True, help="Fleet health questions.")
 app.add_typer(devices_app, name="devices")
 app.add_typer(fleet_app, name="fleet")
+keys_app = typer.Typer(no_args_is_help=True, help="Ed25519 keys that sign bundles.")
+app.add_typer(keys_app, name="keys")
 
 # Rich falls back to 80 columns when stdout is not a terminal (CI logs, pipes): too narrow for
 # our tables, so give it room there.
@@ -56,23 +58,32 @@ def parse_window(text: str) -> float:
 
 @app.command()
 def compress(
-    model: Annotated[Path, typer.Argument(help="Keras model (.keras/.h5) or SavedModel directory.")],
+    model: Annotated[Path, typer.Argument(help="Keras model (.keras/.h5), SavedModel directory, or a ready .tflite.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Bundle file to write.")],
-    quantize: Annotated[str, typer.Option(help="none | dynamic | float16 | int8")] = "dynamic",
-    calibration: Annotated[Path | None, typer.Option(help=".npz with array x (or a dir of .npy) for int8.")] = None,
+    quantize: Annotated[str | None, typer.Option(help="none | dynamic | float16 | int8 | int16x8 [default: dynamic; a .tflite is bundled as-is]")] = None,
+    calibration: Annotated[Path | None, typer.Option(help=".npz with array x (or a dir of .npy) for int8/int16x8.")] = None,
     eval_data: Annotated[Path | None, typer.Option("--eval", help=".npz with arrays x, y to measure accuracy/recall.")] = None,
+    float_io: Annotated[bool, typer.Option("--float-io", help="int8: keep float32 input/output (default int8 in/out).")] = False,
+    prune: Annotated[float | None, typer.Option(help="Magnitude-prune to this sparsity in (0, 1) first, e.g. 0.8.")] = None,
+    train: Annotated[Path | None, typer.Option(help=".npz with x, y: fine-tune while pruning (and prune levels for --auto).")] = None,
+    prune_epochs: Annotated[int, typer.Option(help="Fine-tune epochs while pruning.")] = 4,
+    auto: Annotated[bool, typer.Option("--auto", help="Try every variant; ship the smallest within --max-accuracy-drop.")] = False,
+    max_accuracy_drop: Annotated[float, typer.Option(help="Accuracy budget for --auto, in points (1.0 = one percentage point).")] = 1.0,
+    target: Annotated[str | None, typer.Option(help="Device profile (devices/profiles) constraining the choice.")] = None,
     sample: Annotated[Path | None, typer.Option(help=".npy input used as the bundle's smoke test.")] = None,
     name: Annotated[str | None, typer.Option(help="Model name (default: file name).")] = None,
     version: Annotated[str | None, typer.Option(help="Model version (default: UTC timestamp).")] = None,
     threads: Annotated[int, typer.Option(help="Interpreter threads for latency measurement.")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
-    """Convert MODEL to TFLite, measure it before and after, and write a bundle."""
+    """Convert MODEL to TFLite (pruned/quantized), measure it before and after, and write a bundle."""
     from .compress import compress as run
 
     try:
         result = run(model, output, quantize=quantize, calibration=calibration, eval_data=eval_data,
-                     sample=sample, name=name, version=version, threads=threads)
+                     sample=sample, name=name, version=version, threads=threads, float_io=float_io,
+                     prune=prune, train=train, prune_epochs=prune_epochs, auto=auto,
+                     max_accuracy_drop=max_accuracy_drop, target=target)
     except EdgeError as exc:
         fail(str(exc))
     if as_json:
@@ -82,25 +93,136 @@ def compress(
 
 
 def print_compress_report(report: dict[str, Any]) -> None:
-    ref, var, src = report["reference"], report["variant"], report["source"]
+    ref, src = report["reference"], report["source"]
+    rows = [ref, *report.get("candidates", [report["variant"]])]
     table = Table(title=f"compression of {src['path']} ({src['format']}, {src['size_bytes']:,} B)")
-    for col in ("variant", "size", "vs float32", "latency p50", "latency p95", "accuracy", "macro recall", "max dev"):
+    for col in ("variant", "size", "vs float32", "gzip", "gzip vs f32", "latency p50", "latency p95", "accuracy",
+                "macro recall", "max dev", "runtime ≥", "tflite-rt 2.14"):
         table.add_column(col, justify="right" if col != "variant" else "left")
-    for row in (ref, var):
+    for row in rows:
+        lat = row.get("latency_ms") or {}
+        rt = row.get("runtime") or {}
+        mark = " ✓" if row.get("chosen") else (" ✗" if row.get("rejected") else "")
         table.add_row(
-            "float32 (reference)" if row is ref else row["quantization"],
+            (row.get("label") or row["quantization"]) + mark,
             f"{row['size_bytes']:,} B",
             f"{row['size_bytes'] / ref['size_bytes']:.0%}",
-            f"{row['latency_ms']['median']:.3f} ms",
-            f"{row['latency_ms']['p95']:.3f} ms",
+            f"{row.get('gzip_bytes', 0):,} B",
+            f"{row.get('gzip_bytes', 0) / ref.get('gzip_bytes', 1):.0%}" if ref.get("gzip_bytes") else "-",
+            _fmt(lat.get("median"), "{:.3f} ms"),
+            _fmt(lat.get("p95"), "{:.3f} ms"),
             _fmt(row.get("accuracy"), "{:.2%}"),
             _fmt(row.get("macro_recall"), "{:.2%}"),
-            _fmt(row.get("max_deviation"), "{:.2e}") if row is var else "",
+            _fmt(row.get("max_deviation"), "{:.2e}") if row is not ref else "",
+            rt.get("min_runtime_version") or "?",
+            "yes" if rt.get("support", {}).get("tflite-runtime", {}).get("ok") else "no",
         )
     out.print(table)
+    sel = report.get("selection") or {}
+    if sel.get("mode") == "auto":
+        out.print(f"chose {sel['chosen']}: {sel['why']}", highlight=False)
+        for row in report.get("candidates", []):
+            if row.get("rejected"):
+                out.print(f"  ✗ {row['label']}: {'; '.join(row['rejected'])}", highlight=False)
+    for row in report.get("candidates", []):
+        p = row.get("pruning")
+        if p and row.get("chosen"):
+            out.print(f"pruning: {p['achieved_sparsity']:.1%} of {p['pruned_weights']:,} kernel weights are zero "
+                      f"(target {p['target_sparsity']:.0%})", highlight=False)
+    for w in report.get("warnings", []):
+        out.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
     b = report["bundle"]
     out.print(f"bundle {b['path']}  sha256 {b['sha256'][:16]}…  {b['size_bytes']:,} B  "
               f"(host runtime {report['host_runtime']}, {report['threads']} thread(s))", highlight=False)
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Option(help="Trained teacher model (.keras/.h5).")],
+    student: Annotated[Path, typer.Option(help="Student architecture (.keras/.h5); its weights are re-initialised.")],
+    train: Annotated[Path, typer.Option(help=".npz with arrays x, y to train on.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to save the distilled student (.keras).")],
+    eval_data: Annotated[Path | None, typer.Option("--eval", help=".npz with x, y to score the three models on.")] = None,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the soft targets.")] = 4.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the soft (teacher) loss; 1 - alpha for hard labels.")] = 0.7,
+    epochs: Annotated[int, typer.Option(help="Training epochs (same for scratch and distilled).")] = 30,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train STUDENT on TEACHER's soft targets + labels; compare with the student trained from scratch."""
+    from .compress import load_arrays, quiet_native_output
+    from .compression.distill import distill as run
+    from .compression.distill import load_keras
+    from .protocol import CompressionError
+
+    try:
+        if output.suffix != ".keras":
+            raise CompressionError(f"output {output} must end in .keras")
+        if not output.parent.exists():
+            raise CompressionError(f"output directory {output.parent} does not exist")
+        t, s = load_keras(teacher, "teacher"), load_keras(student, "student")
+        x, y = load_arrays(train, need_y=True, what="train")
+        ev = load_arrays(eval_data, need_y=True, what="eval") if eval_data else (None, None)
+        with quiet_native_output():
+            result = run(t, s, x, y, x_eval=ev[0], y_eval=ev[1], temperature=temperature, alpha=alpha, epochs=epochs)
+            tmp = output.with_name(output.stem + ".tmp.keras")
+            result.model.save(tmp)
+            tmp.replace(output)
+    except EdgeError as exc:
+        fail(str(exc))
+    rep = result.report
+    rep["output"] = str(output)
+    if as_json:
+        emit_json(rep)
+        return
+    table = Table(title=f"distillation (T={rep['temperature']:g}, alpha={rep['alpha']:g}, {rep['epochs']} epochs, "
+                        f"scored on {rep['eval_rows']} rows)")
+    for col in ("model", "parameters", "accuracy"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for key, label in (("teacher", "teacher"), ("student_scratch", "student from scratch"),
+                       ("student_distilled", "student distilled")):
+        table.add_row(label, f"{rep[key]['params']:,}", f"{rep[key]['accuracy']:.2%}")
+    out.print(table)
+    out.print(f"student has {rep['param_ratio']:.1%} of the teacher's parameters, keeps {rep['retained']:.1%} of its "
+              f"accuracy, {rep['gain_over_scratch'] * 100:+.2f} points vs from scratch; saved {output}", highlight=False)
+
+
+@app.command()
+def partition(
+    model: Annotated[Path, typer.Argument(help="Keras model (.keras/.h5).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Bundle file to write.")],
+    stages: Annotated[int, typer.Option(help="Number of pipeline stages.")] = 2,
+    devices: Annotated[str | None, typer.Option(help="Device profiles in stage order, comma-separated.")] = None,
+    quantize: Annotated[str, typer.Option(help="none | dynamic | float16 (per stage)")] = "none",
+    name: Annotated[str | None, typer.Option(help="Model name (default: file name).")] = None,
+    version: Annotated[str | None, typer.Option(help="Model version (default: UTC timestamp).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Split MODEL into pipeline stages for several devices (minimum-bottleneck cuts)."""
+    from .partition import partition as run
+
+    try:
+        result = run(model, output, stages=stages, devices=devices.split(",") if devices else None,
+                     quantize=quantize, name=name, version=version)
+    except EdgeError as exc:
+        fail(str(exc))
+    plan = result.plan
+    if as_json:
+        emit_json(plan.to_dict() | {"bundle": str(result.bundle_path), "sha256": result.bundle_sha256,
+                                    "measured_ms": result.stage_measured_ms, "max_abs_diff": result.max_abs_diff})
+        return
+    table = Table(title=f"pipeline plan for {model} — bottleneck {plan.bottleneck_ms:.3f} ms (predicted)")
+    for col in ("stage", "device", "layers", "params", "compute (pred.)", "transfer (pred.)",
+                "measured × speed", "tensor out"):
+        table.add_column(col)
+    for st, meas in zip(plan.stages, result.stage_measured_ms, strict=True):
+        table.add_row(str(st.index), st.device, ", ".join(st.layers), f"{st.params:,}", f"{st.compute_ms:.3f} ms",
+                      f"{st.transfer_ms:.3f} ms", f"{meas:.3f} ms",
+                      "x".join("?" if d == -1 else str(d) for d in st.out_shape) + f" ({st.out_bytes:,} B)")
+    out.print(table)
+    if plan.refused_cuts:
+        out.print("refused cuts: " + "; ".join(plan.refused_cuts), highlight=False)
+    out.print(f"bundle {result.bundle_path} sha256 {result.bundle_sha256[:16]}…; stages reproduce the whole model "
+              f"within {result.max_abs_diff:.2g}", highlight=False)
 
 
 @app.command()
@@ -199,6 +321,36 @@ def devices_list(server: ServerOpt = None, as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+@devices_app.command("fit")
+def devices_fit(
+    models: Annotated[list[Path], typer.Argument(help="Bundles, .tflite or Keras models (one variant each).")],
+    latency_ms: Annotated[float | None, typer.Option(help="Recommend a board meeting this latency.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Which boards can run each variant, and its predicted latency there."""
+    from .fit import fit_all
+
+    try:
+        result = fit_all(list(models), latency_ms)
+    except EdgeError as exc:
+        fail(str(exc))
+    if as_json:
+        emit_json(result)
+        return
+    table = Table(title="fit per board — latency is PREDICTED (host latency × profile speed factor)")
+    for col in ("variant", "board", "fits", "predicted p50", "memory", "why not"):
+        table.add_column(col)
+    for r in result["fits"]:
+        table.add_row(r["variant"], r["profile"], "[green]yes[/green]" if r["fits"] else "[red]no[/red]",
+                      f"{r['predicted_ms']:.3f} ms", f"{r['memory_mb']:.0f} MB", "; ".join(r["reasons"]))
+    out.print(table)
+    rec = result["recommendation"]
+    if latency_ms is not None:
+        out.print(f"recommended for ≤ {latency_ms:g} ms: {rec['profile']} with {rec['variant']} "
+                  f"(predicted {rec['predicted_ms']:.3f} ms)" if rec else
+                  f"no board meets {latency_ms:g} ms (predicted) with these variants", highlight=False)
+
+
 @devices_app.command("profiles")
 def devices_profiles(as_json: JsonOpt = False) -> None:
     """The device profiles edgectl knows (devices/profiles/*.toml and $EDGECTL_PROFILES)."""
@@ -224,16 +376,21 @@ def devices_profiles(as_json: JsonOpt = False) -> None:
 @fleet_app.command("health")
 def fleet_health(
     window: Annotated[str, typer.Option(help="Look-back window: 90s, 15m, 24h, 7d.")] = "1h",
+    group: Annotated[str | None, typer.Option(help="Only devices whose label group is G.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model: name, version, name:version or sha256 prefix.")] = None,
+    by: Annotated[str, typer.Option(help="device | group | model")] = "device",
     server: ServerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Per device: online, model, deployment, inferences, error rate, p50/p95 latency, availability."""
+    """Availability, stability and performance per device, group or model version."""
     from .client import ServerClient
 
     try:
+        if by not in ("device", "group", "model"):
+            raise EdgeError(f"--by {by!r} must be device, group or model")
         window_s = parse_window(window)
         with ServerClient(server) as client:
-            health = client.health(window_s)
+            health = client.health(window_s, group=group, model=model, by=by)
     except EdgeError as exc:
         fail(str(exc))
     if as_json:
@@ -241,18 +398,160 @@ def fleet_health(
         return
     rows = health["devices"]
     online = sum(1 for r in rows if r["online"])
-    table = Table(title=f"fleet health over the last {window} — {online}/{len(rows)} online")
-    for col in ("device", "status", "model", "deployment", "inferences", "error rate", "p50", "p95", "availability"):
-        table.add_column(col, justify="left" if col in ("device", "status", "model", "deployment") else "right")
-    for r in rows:
-        table.add_row(
-            r["id"], "[green]online[/green]" if r["online"] else "[red]offline[/red]",
-            r.get("model_version") or "-", r.get("deployment_state") or "-",
-            f"{r.get('inferences', 0):,}", _fmt(r.get("error_rate"), "{:.2%}"),
-            _fmt(r.get("p50_ms"), "{:.2f} ms"), _fmt(r.get("p95_ms"), "{:.2f} ms"),
-            _fmt(r.get("availability"), "{:.2%}"),
-        )
+    scope = "".join(f" {k} {v}" for k, v in (("group", group), ("model", model)) if v)
+    since = " (hourly rollups since " + health["since"][:16] + ")" if health.get("source") == "hourly" else ""
+    title = f"fleet health over the last {window}{since}{scope} — {online}/{len(rows)} online"
+    metrics = ("inferences", "error rate", "p50", "p95", "p99", "availability", "outages", "MTBF", "MTTR",
+               "restarts", "accuracy", "recall", "drift")
+    if by == "device":
+        table = Table(title=title)
+        for col in ("device", "status", "model", "deployment", *metrics):
+            table.add_column(col, justify="left" if col in ("device", "status", "model", "deployment") else "right")
+        for r in rows:
+            table.add_row(r["id"], "[green]online[/green]" if r["online"] else "[red]offline[/red]",
+                          r.get("model_version") or "-", r.get("deployment_state") or "-", *_health_cells(r))
+    else:
+        table = Table(title=title.replace(" — ", f" by {by} — "))
+        keys = ("group", "devices", "online") if by == "group" else ("model", "version", "devices")
+        for col in (*keys, *metrics):
+            table.add_column(col, justify="left" if col in ("group", "model", "version") else "right")
+        for r in health.get("rows", []):
+            table.add_row(*(str(r.get(k) if r.get(k) is not None else "-") for k in keys), *_health_cells(r))
     out.print(table)
+
+
+def _duration_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _health_cells(r: dict[str, Any]) -> list[str]:
+    drift = r.get("drift")
+    return [
+        f"{r.get('inferences', 0):,}", _fmt(r.get("error_rate"), "{:.2%}"),
+        _fmt(r.get("p50_ms"), "{:.2f} ms"), _fmt(r.get("p95_ms"), "{:.2f} ms"), _fmt(r.get("p99_ms"), "{:.2f} ms"),
+        _fmt(r.get("availability"), "{:.2%}"), _fmt(r.get("outages")), _duration_text(r.get("mtbf_s")),
+        _duration_text(r.get("mttr_s")), _fmt(r.get("restarts")),
+        _fmt(r.get("accuracy"), "{:.2%}"), _fmt(r.get("recall"), "{:.2%}"),
+        "-" if drift is None else (f"[red]yes[/red] {r['drift_psi']:.2f}" if drift else f"no {r['drift_psi']:.2f}"),
+    ]
+
+
+@devices_app.command("show")
+def devices_show(
+    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    window: Annotated[str, typer.Option(help="Health window: 90s, 15m, 24h, 7d.")] = "24h",
+    server: ServerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One device: health over the window, latest health report, history, sessions, deployments."""
+    from .client import ServerClient
+
+    try:
+        window_s = parse_window(window)
+        with ServerClient(server) as client:
+            d = client.device(device_id, window_s)
+    except EdgeError as exc:
+        fail(str(exc))
+    if as_json:
+        emit_json(d)
+        return
+    model = d.get("model") or {}
+    dep = d.get("deployment") or {}
+    w = d["window"]
+    lines = [
+        f"{d['id']}: {'online' if d['online'] else 'offline'}, agent {d.get('agent_version') or '?'}, "
+        f"runtime {d.get('runtime') or '?'}, profile {d.get('profile') or '-'}, "
+        f"labels {','.join(f'{k}={v}' for k, v in sorted((d.get('labels') or {}).items())) or '-'}",
+        f"  model {model.get('name', '-')} {model.get('version', '')}; deployment {dep.get('id', '-')} "
+        f"{dep.get('state', '')}; first seen {(d.get('first_seen') or '-')[:19]}, last seen {(d.get('last_seen') or '-')[:19]}",
+        f"  last {window}: {w.get('inferences', 0):,} inferences, error rate {_fmt(w.get('error_rate'), '{:.2%}')}, "
+        f"p50 {_fmt(w.get('p50_ms'), '{:.2f} ms')}, p95 {_fmt(w.get('p95_ms'), '{:.2f} ms')}, "
+        f"p99 {_fmt(w.get('p99_ms'), '{:.2f} ms')}; availability {_fmt(w.get('availability'), '{:.2%}')}, "
+        f"{w.get('outages', 0)} outage(s), MTBF {_duration_text(w.get('mtbf_s'))}, MTTR {_duration_text(w.get('mttr_s'))}, "
+        f"{w.get('restarts', 0)} restart(s), {w.get('model_load_failures', 0)} failed deployment(s); "
+        f"accuracy {_fmt(w.get('accuracy'), '{:.2%}')} over {w.get('labelled', 0)} labelled; "
+        f"drift PSI {_fmt(w.get('drift_psi'), '{:.3f}')}",
+    ]
+    if d.get("health"):
+        lines.append(f"  health ({(d.get('health_at') or '')[:19]}): "
+                     + ", ".join(f"{k}={v}" for k, v in sorted(d["health"].items())))
+    out.print("\n".join(lines), highlight=False)
+    for title, cols, items in (
+        ("hourly history", ("hour", "inferences", "errors", "p50", "p95"),
+         [(h["hour"][:16], f"{h['inferences']:,}", f"{h['errors']:,}", _fmt(h.get("p50_ms"), "{:.2f} ms"),
+           _fmt(h.get("p95_ms"), "{:.2f} ms")) for h in d.get("history", [])]),
+        ("connection sessions", ("started", "ended", "reason"),
+         [(x["started_at"][:19], (x.get("ended_at") or "open")[:19], x.get("end_reason") or "-") for x in d.get("sessions", [])]),
+        ("deployments", ("deployment", "model", "state", "updated", "detail"),
+         [(x["id"], f"{x['name']} {x['version']}", x["state"], x["updated_at"][:19], (x.get("detail") or "")[:60])
+          for x in d.get("deployments", [])]),
+        ("events", ("at", "kind", "detail"), [(e["at"][:19], e["kind"], e["detail"][:80]) for e in d.get("events", [])]),
+    ):
+        if items:
+            table = Table(title=title)
+            for c in cols:
+                table.add_column(c)
+            for row in items:
+                table.add_row(*row)
+            out.print(table)
+
+
+@app.command()
+def feedback(
+    request_id: Annotated[str | None, typer.Argument(help="Request id (hex of the request's MQTT CorrelationData).")] = None,
+    label: Annotated[int | None, typer.Argument(help="The true class of that request.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="CSV (request_id,label per line) or JSON list of {request_id, label}.")] = None,
+    server: ServerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send ground-truth labels for inference requests; fleet health joins them to predictions."""
+    from .client import ServerClient
+
+    try:
+        labels = _read_labels(request_id, label, file)
+        with ServerClient(server) as client:
+            result = client.feedback(labels)
+    except EdgeError as exc:
+        fail(str(exc))
+    if as_json:
+        emit_json(result)
+        return
+    out.print(f"stored {result['stored']} label(s); {result['matched']} match a prediction the fleet reported",
+              highlight=False)
+
+
+def _read_labels(request_id: str | None, label: int | None, file: Path | None) -> list[tuple[str, int]]:
+    if (request_id is None) == (file is None) or (request_id is not None and label is None):
+        raise EdgeError("give either REQUEST_ID LABEL or --file FILE")
+    if file is None:
+        return [(request_id, label)]  # type: ignore[list-item]
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgeError(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}") from None
+    pairs: list[tuple[str, int]] = []
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+            pairs = [(str(x["request_id"]), int(x["label"])) for x in items]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise EdgeError(f"{file}: expected a JSON list of {{request_id, label}} objects ({exc})") from None
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.startswith("#") or line.lower().startswith("request_id"):
+                continue
+            rid, _, lab = line.partition(",")
+            if not rid.strip() or not lab.strip().isdigit():
+                raise EdgeError(f"{file}:{n}: expected request_id,label (a non-negative integer)")
+            pairs.append((rid.strip(), int(lab)))
+    if not pairs:
+        raise EdgeError(f"{file} holds no labels")
+    return pairs
 
 
 @app.command()
@@ -306,6 +605,37 @@ def demo(
         run_demo(workdir, n_agents=agents, n_requests=requests)
     except EdgeError as exc:
         fail(str(exc))
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option(help="Directory for edgectl-signing.key (0600) and .pub.")] = Path("keys"),
+) -> None:
+    """Create a signing key pair; install the .pub file on agents (--trusted-key)."""
+    from .protocol.signing import generate_keys, load_public_keys
+
+    try:
+        priv, pub = generate_keys(out)
+        kid = next(iter(load_public_keys([pub])))
+    except EdgeError as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {priv} (keep it secret) and {pub}; key id {kid}")
+
+
+@keys_app.command("sign")
+def keys_sign(
+    bundle: Annotated[Path, typer.Argument(help="Bundle to sign (rewritten in place).")],
+    key: Annotated[Path, typer.Option(help="Private key (edgectl-signing.key).")],
+) -> None:
+    """Sign a bundle (after verifying it); its sha256 changes."""
+    from .protocol.bundle import resign
+    from .protocol.signing import signer
+
+    try:
+        sha = resign(bundle, signer(key))
+    except EdgeError as exc:
+        fail(str(exc))
+    typer.echo(f"signed {bundle}: sha256 {sha}")
 
 
 def main() -> None:

@@ -70,5 +70,18 @@ class ServerClient:
     def devices(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/devices")
 
-    def health(self, window_s: float) -> dict[str, Any]:
-        return self._call("GET", "/v1/fleet/health", params={"window": window_s})
+    def health(self, window_s: float, *, group: str | None = None, model: str | None = None,
+               by: str = "device") -> dict[str, Any]:
+        params: dict[str, Any] = {"window": window_s, "by": by}
+        if group is not None:
+            params["group"] = group
+        if model is not None:
+            params["model"] = model
+        return self._call("GET", "/v1/fleet/health", params=params)
+
+    def device(self, device_id: str, window_s: float = 86400.0) -> dict[str, Any]:
+        return self._call("GET", f"/v1/devices/{device_id}", params={"window": window_s})
+
+    def feedback(self, labels: list[tuple[str, int]]) -> dict[str, Any]:
+        return self._call("POST", "/v1/feedback",
+                          json={"labels": [{"request_id": r, "label": lab} for r, lab in labels]})

@@ -3,12 +3,12 @@ request, call one ``Service`` method, map the error family to a status code."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,8 +25,21 @@ class DeploymentRequest(BaseModel):
     selector: str = Field(min_length=1, max_length=4096)
 
 
+class Label(BaseModel):
+    request_id: str = Field(min_length=1, max_length=64)
+    label: int = Field(ge=0, lt=2**31)
+
+
+class FeedbackRequest(BaseModel):
+    labels: list[Label] = Field(min_length=1, max_length=10000)
+
+
 class TooLarge(Exception):
     pass
+
+
+def _num(value: float) -> float | int:
+    return int(value) if value == int(value) else value
 
 
 def _error(status: int, detail: str) -> JSONResponse:
@@ -111,12 +124,28 @@ def create_app(service: Service) -> FastAPI:
         return service.devices()
 
     @app.get("/v1/devices/{device_id}")
-    def get_device(device_id: str) -> dict[str, Any]:
-        return service.device(device_id)
+    def get_device(device_id: str, window: float = Query(86400.0, gt=0, le=10 * 365 * 86400)) -> dict[str, Any]:
+        """The device, its latest health report, its health over the window, hourly history,
+        recent sessions, deployments and events."""
+        return service.device_detail(device_id, _num(window))
 
     @app.get("/v1/fleet/health")
-    def fleet_health(window: float = Query(3600.0, gt=0, le=10 * 365 * 86400)) -> dict[str, Any]:
-        w: float | int = int(window) if window == int(window) else window
-        return service.fleet_health(w)
+    def fleet_health(window: float = Query(3600.0, gt=0, le=10 * 365 * 86400),
+                     group: str | None = Query(None, max_length=64),
+                     model: str | None = Query(None, max_length=256),
+                     by: Literal["device", "group", "model"] = "device") -> dict[str, Any]:
+        return service.fleet_health(_num(window), group=group, model=model, by=by)
+
+    @app.post("/v1/feedback")
+    def feedback(body: FeedbackRequest) -> dict[str, int]:
+        """Ground-truth labels for request ids (hex of the inference request's CorrelationData)."""
+        return service.add_feedback([(x.request_id, x.label) for x in body.labels])
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        from .metrics import WINDOW_S, render
+
+        text = render(service.info(), service.fleet_health(WINDOW_S))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

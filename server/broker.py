@@ -60,13 +60,19 @@ def render_config(port: int, broker_dir: Path, *, persistence: bool = True) -> s
         f"persistence {'true' if persistence else 'false'}",
         f"persistence_location {broker_dir}/",
         f"max_packet_size {MAX_PACKET}",
+        # QoS 1 messages for a subscriber that is momentarily slower (the server's ingest
+        # worker pushing back) wait here; Mosquitto's default of 1000 would drop them.
+        "max_queued_messages 1000000",
         f"log_dest file {broker_dir / 'mosquitto.log'}",
         "log_timestamp true",
     ]
-    if os.geteuid() == 0:
-        # As root, Mosquitto drops to the "mosquitto" user, which cannot write our data dir.
-        lines.append(f"user {pwd.getpwuid(0).pw_name}")
+    lines += run_as_lines()
     return "\n".join(lines) + "\n"
+
+
+def run_as_lines() -> list[str]:
+    """As root, Mosquitto drops to the "mosquitto" user, which cannot read or write our data dir."""
+    return [f"user {pwd.getpwuid(0).pw_name}"] if os.geteuid() == 0 else []
 
 
 class LocalBroker:

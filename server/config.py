@@ -25,6 +25,10 @@ class Config:
     heartbeat_timeout: float = 15.0
     chunk_size: int = DEFAULT_CHUNK_SIZE
     log_level: str = "INFO"
+    #: Raw per-interval aggregates (and predictions, feedback) are kept this long ...
+    retention_raw_s: float = 7 * 86400.0
+    #: ... hourly rollups, events and closed sessions this long.
+    retention_rollup_s: float = 400 * 86400.0
 
     @property
     def artifacts_dir(self) -> Path:

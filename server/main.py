@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from sdk.protocol.errors import EdgeError
 from .config import DEFAULT_CHUNK_SIZE, DEFAULT_HTTP, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Config
 
 log = logging.getLogger("edgectl.server")
+#: How often the retention policy runs (also once at start).
+RETENTION_EVERY_S = 3600.0
 
 
 class StartupError(EdgeError):
@@ -65,6 +68,15 @@ def _chunk_size(text: str) -> int:
     return int(text)
 
 
+def _duration(text: str) -> float:
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a duration such as 36h or 7d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgectl-server", description="The edgectl fleet host.")
     p.add_argument("--data", help="data directory (default: $EDGECTL_DATA or ./edgectl-data)")
@@ -79,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mark a device offline after S seconds without any message (default 15)")
     p.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
                    help=f"artifact chunk size (default {DEFAULT_CHUNK_SIZE})")
+    p.add_argument("--retention-raw", type=_duration, default=7 * 86400.0, metavar="DURATION",
+                   help="keep raw per-interval telemetry this long (default 7d)")
+    p.add_argument("--retention-rollup", type=_duration, default=400 * 86400.0, metavar="DURATION",
+                   help="keep hourly rollups, events and closed sessions this long (default 400d)")
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
     return p
@@ -93,7 +109,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     return Config(data_dir=data, db_url=args.db or f"sqlite:///{data / 'edgectl.db'}",
                   http_host=host, http_port=port, broker=args.broker, broker_port=args.broker_port,
                   heartbeat_timeout=args.heartbeat_timeout, chunk_size=args.chunk_size,
-                  log_level=args.log_level)
+                  log_level=args.log_level, retention_raw_s=args.retention_raw,
+                  retention_rollup_s=args.retention_rollup)
 
 
 def _redacted(url: str) -> str:
@@ -108,10 +125,15 @@ def _redacted(url: str) -> str:
 def _open_store(config: Config) -> Any:
     from sqlalchemy.exc import SQLAlchemyError
 
+    from .migrate import SchemaError
     from .store import Store
 
     try:
-        return Store(config.db_url)
+        # The embedded SQLite default upgrades itself; a shared database is upgraded on purpose
+        # (`edgectl-server db upgrade --db URL`), never behind the back of the other replicas.
+        return Store(config.db_url, upgrade=config.db_url.startswith("sqlite"))
+    except SchemaError as exc:
+        raise StartupError(str(exc)) from None
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise StartupError(f"cannot open database {_redacted(config.db_url)}: {first}") from None
@@ -188,11 +210,18 @@ def run(config: Config) -> int:
         sweep_interval = min(1.0, config.heartbeat_timeout / 4)
 
         def sweeper() -> None:
+            next_retention = 0.0
             while not stop.wait(sweep_interval):
                 try:
                     service.sweep()
                 except Exception:
                     log.exception("heartbeat sweep failed")
+                if time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + RETENTION_EVERY_S
+                    try:
+                        service.maintain()
+                    except Exception:
+                        log.exception("applying the retention policy failed")
 
         sweep_thread = threading.Thread(target=sweeper, name="sweeper", daemon=True)
         sweep_thread.start()
@@ -227,7 +256,44 @@ def run(config: Config) -> int:
         json_path.unlink(missing_ok=True)
 
 
+def db_main(argv: list[str]) -> int:
+    """``edgectl-server db upgrade|current [--db URL] [--data DIR]``."""
+    p = argparse.ArgumentParser(prog="edgectl-server db", description="Database schema (Alembic migrations).")
+    p.add_argument("action", choices=["upgrade", "current"])
+    p.add_argument("--data", help="data directory (default: $EDGECTL_DATA or ./edgectl-data)")
+    p.add_argument("--db", help="SQLAlchemy URL (default: sqlite:///DATA/edgectl.db)")
+    args = p.parse_args(argv)
+    data = Path(args.data or os.environ.get("EDGECTL_DATA") or "./edgectl-data").expanduser().resolve()
+    url = args.db or f"sqlite:///{data / 'edgectl.db'}"
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from . import migrate
+    from .store import make_engine
+
+    try:
+        if url.startswith("sqlite") and not args.db:
+            data.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(url)
+        try:
+            if args.action == "current":
+                print(f"{_redacted(url)}: revision {migrate.current(engine) or 'none'} (head {migrate.head()})")
+            else:
+                before, after = migrate.upgrade(engine)
+                print(f"{_redacted(url)}: upgraded from {before or 'empty'} to {after}")
+        finally:
+            engine.dispose()
+    except (SQLAlchemyError, ImportError, ValueError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"edgectl-server: error: cannot {args.action} database {_redacted(url)}: {first}",
+              file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["db"]:
+        return db_main(argv[1:])
     config = parse_config(argv)
     logging.basicConfig(stream=sys.stderr, level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

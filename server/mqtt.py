@@ -2,8 +2,11 @@
 
 The paho callback thread never touches the database: it only puts (topic, payload, receive
 time) on a bounded queue, and ``put`` blocks when the queue is full, which pushes back on the
-broker instead of growing memory. One worker thread hands each message to
-``Service.handle``, which never raises.
+broker instead of growing memory (paho stops reading the socket, so unacknowledged QoS 1
+messages wait in the broker, whose per-client queue must be large enough: see
+``server.broker.render_config``). One worker thread drains the queue in batches of up to
+``BATCH_MAX`` messages and hands each batch to ``Service.handle_batch`` (one transaction for
+the telemetry and heartbeats in it), which never raises.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from .service import INGESTED, Service
 
 log = logging.getLogger("edgectl.server.mqtt")
 
-QUEUE_SIZE = 10000
+QUEUE_SIZE = 20000
+#: Most messages written in one transaction by the ingest worker.
+BATCH_MAX = 2000
 _STOP = object()
 _REPUBLISH = object()
 
@@ -138,16 +143,32 @@ class MqttSide:
     # -- ingest worker -------------------------------------------------------------------------
 
     def _work(self) -> None:
+        """Take what has arrived (up to BATCH_MAX messages) and ingest it as one batch."""
         while True:
+            batch: list[tuple[str, bytes, datetime]] = []
             item = self.queue.get()
-            if item is _STOP:
-                return
-            if item is _REPUBLISH:
+            while True:
+                if item is _STOP:
+                    self._ingest(batch)
+                    return
+                if item is _REPUBLISH:
+                    self._ingest(batch)
+                    batch = []
+                    try:
+                        n = self.service.republish_desired()
+                        log.info("republished desired state of %d devices", n)
+                    except Exception:
+                        log.exception("republishing desired states failed")
+                else:
+                    batch.append(item)
+                if len(batch) >= BATCH_MAX:
+                    break
                 try:
-                    n = self.service.republish_desired()
-                    log.info("republished desired state of %d devices", n)
-                except Exception:
-                    log.exception("republishing desired states failed")
-                continue
-            topic, payload, received = item
-            self.service.handle(topic, payload, received)
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._ingest(batch)
+
+    def _ingest(self, batch: list[tuple[str, bytes, datetime]]) -> None:
+        if batch:
+            self.service.handle_batch(batch)

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from sdk.protocol import frames, messages, topics
+from sdk.protocol import drift, frames, messages, topics
 from sdk.protocol.bundle import read_bundle
 from sdk.protocol.errors import BundleError, ProtocolError
 from sdk.protocol.topics import DeviceTopic
@@ -83,6 +83,9 @@ class Service:
         self.queue_depth: Callable[[], int] = lambda: 0
         self._rejected: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._known_devices: set[str] = set()
+        #: Ingest counters for /v1/info and /metrics.
+        self.stats: Counter[str] = Counter()
 
     # -- info ----------------------------------------------------------------------------------
 
@@ -91,8 +94,10 @@ class Service:
             return dict(self._rejected)
 
     def info(self) -> dict[str, Any]:
+        with self._lock:
+            stats = dict(self.stats)
         return {"version": __version__, "broker_url": self.broker_url, "http_url": self.http_url,
-                "rejected": self.rejected(), "queue_depth": self.queue_depth()}
+                "rejected": self.rejected(), "queue_depth": self.queue_depth(), "ingest": stats}
 
     def _reject(self, topic: str, reason: str, detail: str) -> None:
         with self._lock:
@@ -103,17 +108,73 @@ class Service:
 
     def handle(self, topic: str, payload: bytes, received_at: datetime | None = None) -> None:
         """Ingest one device message; never raises (bad input is logged and counted)."""
-        try:
-            self.ingest(topic, payload, received_at or self.clock())
-        except Rejected as exc:
-            self._reject(topic, exc.reason, str(exc))
-        except Exception:
-            log.exception("failed to ingest a message on %r", topic[:200])
-            with self._lock:
-                self._rejected["internal_error"] += 1
+        self.handle_batch([(topic, payload, received_at or self.clock())])
 
-    def ingest(self, topic: str, payload: bytes, now: datetime) -> None:
-        """Decode and store one message; raises :class:`Rejected` for bad input."""
+    def handle_batch(self, items: list[tuple[str, bytes, datetime]]) -> None:
+        """Ingest messages in arrival order; never raises.
+
+        Telemetry and heartbeats are collected and written in one transaction per run of them
+        (``Store.ingest``); any other message first flushes what was collected, so a device's
+        status is always stored before the telemetry that follows it.
+        """
+        tele: list[tuple[str, str, messages.Telemetry, datetime]] = []
+        beats: list[tuple[str, str, messages.Heartbeat, datetime]] = []
+        for topic, payload, now in items:
+            try:
+                route, msg = self._decode(topic, payload)
+                if route.kind in (DeviceTopic.TELEMETRY, DeviceTopic.HEARTBEAT):
+                    if not self._known(route.device_id):  # type: ignore[arg-type]
+                        raise Rejected("unknown_device", f"device {route.device_id!r} never sent a status message")
+                    target = tele if route.kind is DeviceTopic.TELEMETRY else beats
+                    target.append((topic, route.device_id, msg, now))  # type: ignore[arg-type]
+                    continue
+                self._flush(tele, beats)
+                self._apply(route, msg, now)
+            except Rejected as exc:
+                self._reject(topic, exc.reason, str(exc))
+            except Exception:
+                log.exception("failed to ingest a message on %r", topic[:200])
+                self._count("internal_error")
+        self._flush(tele, beats)
+
+    def _flush(self, tele: list[tuple[str, str, messages.Telemetry, datetime]],
+               beats: list[tuple[str, str, messages.Heartbeat, datetime]]) -> None:
+        if not tele and not beats:
+            return
+        try:
+            results = self.store.ingest([(d, m, t) for _, d, m, t in tele], [(d, m, t) for _, d, m, t in beats])
+        except Exception:
+            log.exception("failed to store a batch of %d telemetry and %d heartbeat messages", len(tele), len(beats))
+            self._count("internal_error", len(tele) + len(beats))
+        else:
+            stored = 0
+            for (topic, d, m, _), result in zip(tele, results, strict=True):
+                if result == "stored":
+                    stored += 1
+                elif result == "duplicate":
+                    self._reject(topic, "duplicate", f"telemetry seq {m.seq} of {d} is already stored")
+                else:
+                    self._reject(topic, "unknown_device", f"device {d!r} is unknown")
+            with self._lock:
+                self.stats["telemetry_stored"] += stored
+                self.stats["heartbeats"] += len(beats)
+                self.stats["batches"] += 1
+        tele.clear()
+        beats.clear()
+
+    def _count(self, reason: str, n: int = 1) -> None:
+        with self._lock:
+            self._rejected[reason] += n
+
+    def _known(self, device_id: str) -> bool:
+        if device_id in self._known_devices:
+            return True
+        if self.store.device_exists(device_id):
+            self._known_devices.add(device_id)
+            return True
+        return False
+
+    def _decode(self, topic: str, payload: bytes) -> tuple[topics.Route, Any]:
         try:
             route = topics.parse(topic)
         except ProtocolError as exc:
@@ -121,10 +182,29 @@ class Service:
         if route.kind not in INGESTED or route.device_id is None:
             raise Rejected("bad_topic", f"the server does not ingest {route.kind} topics")
         try:
-            msg = messages.decode(route.kind, payload)
+            return route, messages.decode(route.kind, payload)
         except ProtocolError as exc:
             raise Rejected("bad_message", str(exc)) from None
+
+    def ingest(self, topic: str, payload: bytes, now: datetime) -> None:
+        """Decode and store one message; raises :class:`Rejected` for bad input."""
+        route, msg = self._decode(topic, payload)
         device_id = route.device_id
+        assert device_id is not None
+        if route.kind in (DeviceTopic.TELEMETRY, DeviceTopic.HEARTBEAT):
+            if not self._known(device_id):
+                raise Rejected("unknown_device", f"device {device_id!r} never sent a status message")
+            if route.kind is DeviceTopic.HEARTBEAT:
+                self.store.ingest([], [(device_id, msg, now)])
+            elif self.store.ingest([(device_id, msg, now)])[0] == "duplicate":
+                raise Rejected("duplicate", f"telemetry seq {msg.seq} of {device_id} is already stored")
+            return
+        self._apply(route, msg, now)
+
+    def _apply(self, route: topics.Route, msg: Any, now: datetime) -> None:
+        """Store a status, reported or fetch message (the rare kinds, one at a time)."""
+        device_id = route.device_id
+        assert device_id is not None
         if route.kind is DeviceTopic.STATUS:
             if msg.state == "online":
                 self.store.status_online(device_id, msg, now)
@@ -132,16 +212,12 @@ class Service:
             else:
                 self.store.status_offline(device_id, now)
                 log.info("device %s offline", device_id)
+            self._known_devices.add(device_id)
             return
-        if not self.store.device_exists(device_id):
+        if not self._known(device_id):
             raise Rejected("unknown_device", f"device {device_id!r} never sent a status message")
         try:
-            if route.kind is DeviceTopic.HEARTBEAT:
-                self.store.touch(device_id, now)
-            elif route.kind is DeviceTopic.TELEMETRY:
-                if not self.store.add_telemetry(device_id, msg, now):
-                    raise Rejected("duplicate", f"telemetry seq {msg.seq} of {device_id} is already stored")
-            elif route.kind is DeviceTopic.REPORTED:
+            if route.kind is DeviceTopic.REPORTED:
                 if not self.store.report(device_id, msg, now):
                     raise Rejected("unknown_deployment",
                                    f"deployment {msg.deployment_id!r} does not target {device_id}")
@@ -199,6 +275,11 @@ class Service:
         if created:
             log.info("stored artifact %s (%s %s, %d bytes)", bundle.sha256[:12], m["name"],
                      m["version"], bundle.size)
+            if m.get("drift_baseline") is not None:
+                try:
+                    self.store.set_baseline(bundle.sha256, drift.check_summary(m["drift_baseline"]), self.clock())
+                except ProtocolError as exc:
+                    log.warning("artifact %s: ignoring its drift baseline: %s", bundle.sha256[:12], exc)
         return art, created
 
     def artifacts(self) -> list[dict[str, Any]]:
@@ -240,5 +321,20 @@ class Service:
     def device(self, device_id: str) -> dict[str, Any]:
         return self.store.device(device_id)
 
-    def fleet_health(self, window_s: float, now: datetime | None = None) -> dict[str, Any]:
-        return self.store.fleet_health(window_s, now or self.clock())
+    def fleet_health(self, window_s: float, now: datetime | None = None, *, group: str | None = None,
+                     model: str | None = None, by: str = "device") -> dict[str, Any]:
+        return self.store.fleet_health(window_s, now or self.clock(), group=group, model=model, by=by)
+
+    def device_detail(self, device_id: str, window_s: float = 86400.0) -> dict[str, Any]:
+        return self.store.device_detail(device_id, window_s, self.clock())
+
+    def add_feedback(self, labels: list[tuple[str, int]]) -> dict[str, int]:
+        return self.store.add_feedback(labels, self.clock())
+
+    def maintain(self, now: datetime | None = None) -> dict[str, int]:
+        """Apply the retention policy (raw aggregates, then rollups)."""
+        deleted = self.store.apply_retention(self.config.retention_raw_s, self.config.retention_rollup_s,
+                                             now or self.clock())
+        if any(deleted.values()):
+            log.info("retention: deleted %s", ", ".join(f"{n} {t}" for t, n in deleted.items() if n))
+        return deleted

@@ -8,6 +8,7 @@ the injected clock), which keeps availability math deterministic in tests.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from collections.abc import Callable, Iterable, Sequence
@@ -15,30 +16,45 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
+    Column,
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
+    bindparam,
+    case,
     create_engine,
+    delete,
     event,
+    func,
+    insert,
     select,
+    update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from sdk.protocol import histogram, messages
+from sdk.protocol import drift, histogram, messages
 from sdk.protocol.errors import DeployError, EdgeError
 from sdk.protocol.topics import valid_id
 
+from .health import Avail, Tele, add_labels, availability, drift_psi, merged, performance
+
 UTC = UTC
+#: Windows up to this long are answered from raw aggregates; longer ones from hourly rollups.
+RAW_QUERY_MAX_S = 3 * 3600.0
 PENDING = "pending"
 SUPERSEDED = "superseded"
 #: Deployment states after which a newer deployment does not rewrite the old one's row.
@@ -97,6 +113,11 @@ class Device(Base):
     deployment_id: Mapped[str | None] = mapped_column(ForeignKey("deployments.id"))
     first_seen: Mapped[datetime] = mapped_column(UTCDateTime)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: The latest health report (telemetry ``health``) and when it arrived.
+    health: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    health_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Agent uptime of the last heartbeat: a smaller one later means the agent restarted.
+    uptime_s: Mapped[float | None] = mapped_column(Float)
 
 
 class Artifact(Base):
@@ -144,7 +165,8 @@ class ConnectionSession(Base):
 
 class TelemetryRow(Base):
     __tablename__ = "telemetry"
-    __table_args__ = (UniqueConstraint("device_id", "seq", name="uq_telemetry_device_seq"),)
+    __table_args__ = (UniqueConstraint("device_id", "seq", name="uq_telemetry_device_seq"),
+                      Index("ix_telemetry_device_received", "device_id", "received_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
@@ -159,19 +181,140 @@ class TelemetryRow(Base):
     rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
     artifact: Mapped[str | None] = mapped_column(String(64))
     model_version: Mapped[str | None] = mapped_column(String(256))
+    #: The agent's health report of the interval (flat JSON object), when it sent one.
+    health: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+#: Column names of the latency buckets in the hourly rollup (b00 .. b71).
+BUCKETS = tuple(f"b{i:02d}" for i in range(histogram.N_BUCKETS))
+#: Column names of the drift bins in the hourly drift rollup (im00.., is00.., out00..).
+DRIFT_COLS = {f: tuple(f"{p}{i:02d}" for i in range(drift.N_BINS))
+              for f, p in zip(drift.FIELDS, ("im", "is", "out"), strict=True)}
+
+hourly = Table(
+    "telemetry_hourly", Base.metadata,
+    Column("hour", UTCDateTime, primary_key=True),
+    Column("device_id", String(64), ForeignKey("devices.id"), primary_key=True),
+    Column("artifact", String(64), primary_key=True),  # "" when the device ran no model
+    Column("model_version", String(256), primary_key=True),
+    Column("intervals", BigInteger, nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("latency_sum_ms", Float, nullable=False),
+    *(Column(b, BigInteger, nullable=False) for b in BUCKETS),
+    Index("ix_telemetry_hourly_device_hour", "device_id", "hour"),
+)
+
+drift_hourly = Table(
+    "drift_hourly", Base.metadata,
+    Column("hour", UTCDateTime, primary_key=True),
+    Column("device_id", String(64), ForeignKey("devices.id"), primary_key=True),
+    Column("artifact", String(64), primary_key=True),
+    Column("intervals", BigInteger, nullable=False),
+    *(Column(c, BigInteger, nullable=False) for cols in DRIFT_COLS.values() for c in cols),
+)
+
+
+class DriftBaseline(Base):
+    """What an artifact's inputs/outputs look like when it is fresh: from the bundle's manifest,
+    or else the first ``baseline_intervals`` summaries the fleet sends after it is activated."""
+
+    __tablename__ = "drift_baselines"
+
+    artifact: Mapped[str] = mapped_column(String(64), primary_key=True)
+    source: Mapped[str] = mapped_column(String(16))  # "manifest" | "fleet"
+    intervals: Mapped[int] = mapped_column(Integer)
+    complete: Mapped[bool] = mapped_column(Boolean, default=False)
+    summary: Mapped[dict[str, list[int]]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    predicted: Mapped[int] = mapped_column(Integer)
+    artifact: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(256))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class Feedback(Base):
+    """Ground truth an application sent for a request id (``edgectl feedback``)."""
+
+    __tablename__ = "feedback"
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    label: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class EventRow(Base):
+    """Things that happened to a device: ``restart`` (agent uptime went back), ``deploy_failed``."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_device_at", "device_id", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(Text, default="")
 
 
 # ---------------------------------------------------------------------------------------------
 # Pure helpers (no database): message -> row, selector grammar, interval math.
 
 
-def telemetry_row(device_id: str, msg: messages.Telemetry, received_at: datetime) -> TelemetryRow:
-    return TelemetryRow(
-        device_id=device_id, seq=msg.seq, received_at=received_at, interval_s=msg.interval_s,
-        count=msg.count, errors=msg.errors, latency_hist=list(msg.latency_hist),
-        latency_sum_ms=msg.latency_sum_ms, cpu_percent=msg.cpu_percent, rss_bytes=msg.rss_bytes,
-        artifact=msg.artifact, model_version=msg.model_version,
-    )
+STORED, DUPLICATE, UNKNOWN = "stored", "duplicate", "unknown_device"
+
+
+def floor_hour(dt: datetime) -> datetime:
+    return dt.replace(minute=0, second=0, microsecond=0)
+
+
+#: Raw rows per multi-row INSERT (13 parameters each; SQLite allows 32766 per statement).
+RAW_CHUNK = 500
+_RAW_COLS = ("device_id", "seq", "received_at", "interval_s", "count", "errors", "latency_hist",
+             "latency_sum_ms", "cpu_percent", "rss_bytes", "artifact", "model_version", "health")
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _dt_param(conn: Connection) -> Callable[[datetime], Any]:
+    """How a UTC datetime is passed to the driver directly (the ingest path skips SQLAlchemy's
+    per-parameter processing, which cost more than the database work): SQLite gets the text
+    that ``DateTime`` writes, PostgreSQL a naive UTC datetime."""
+    if conn.dialect.name == "sqlite":
+        return lambda v: v.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    return lambda v: v.astimezone(UTC).replace(tzinfo=None)
+
+
+def _mark(conn: Connection) -> str:
+    return "?" if conn.dialect.paramstyle == "qmark" else "%s"
+
+
+def _raw_insert_sql(conn: Connection, rows: int) -> str:
+    mark = _mark(conn)
+    pg = conn.dialect.name == "postgresql"
+    one = "(" + ", ".join(f"{mark}::json" if pg and c in ("latency_hist", "health") else mark
+                          for c in _RAW_COLS) + ")"
+    cols = ", ".join(f'"{c}"' for c in _RAW_COLS)
+    return (f"INSERT INTO telemetry ({cols}) VALUES {', '.join([one] * rows)} "
+            "ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq")
+
+
+def _upsert_sql(conn: Connection, table: Table, keys: Sequence[str], sums: Sequence[str]) -> str:
+    """INSERT .. ON CONFLICT (keys) DO UPDATE SET col = col + excluded.col (SQLite and PostgreSQL)."""
+    cols = ", ".join(f'"{c}"' for c in (*keys, *sums))
+    marks = ", ".join([_mark(conn)] * (len(keys) + len(sums)))
+    return (f"INSERT INTO {table.name} ({cols}) VALUES ({marks}) "
+            f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET "
+            + ", ".join(f'"{c}" = {table.name}."{c}" + excluded."{c}"' for c in sums))
 
 
 SELECTOR_GRAMMAR = "all | device:ID[,ID...] | group:G | label:KEY=VALUE"
@@ -267,11 +410,29 @@ def make_engine(url: str) -> Engine:
 class Store:
     """All persistence of the server. Thread-safe: each method uses its own session."""
 
-    def __init__(self, url: str, clock: Callable[[], datetime] = utcnow):
+    def __init__(self, url: str, clock: Callable[[], datetime] = utcnow, *, upgrade: bool = True,
+                 baseline_intervals: int = 30, raw_query_max_s: float = RAW_QUERY_MAX_S):
+        """Open the store; ``upgrade`` runs the Alembic migrations, else the schema must be current.
+
+        ``baseline_intervals``: summaries that make an artifact's fleet drift baseline.
+        ``raw_query_max_s``: windows up to this long are answered exactly from raw aggregates,
+        longer ones from the hourly rollups (their start rounded down to the hour).
+        """
+        from . import migrate
+
         self.engine = make_engine(url)
         self.clock = clock
+        self.baseline_intervals = baseline_intervals
+        self.raw_query_max_s = raw_query_max_s
         self._session = sessionmaker(self.engine, expire_on_commit=False)
-        Base.metadata.create_all(self.engine)
+        try:
+            if upgrade:
+                migrate.upgrade(self.engine)
+            else:
+                migrate.check(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -339,21 +500,182 @@ class Store:
 
     def add_telemetry(self, device_id: str, msg: messages.Telemetry, now: datetime) -> bool:
         """Store one aggregate; False when ``(device, seq)`` is already stored (redelivery)."""
-        try:
-            with self._session() as s, s.begin():
-                self._touch(s, device_id, now)
-                dup = s.scalar(select(TelemetryRow.id).where(
-                    TelemetryRow.device_id == device_id, TelemetryRow.seq == msg.seq))
-                if dup is not None:
-                    return False
-                s.add(telemetry_row(device_id, msg, now))
+        result = self.ingest([(device_id, msg, now)])[0]
+        if result == UNKNOWN:
+            raise NotFound(f"device {device_id!r} is unknown")
+        return result == STORED
+
+    def heartbeat(self, device_id: str, msg: messages.Heartbeat, now: datetime) -> None:
+        """A heartbeat: touch the device, and record a restart when its uptime went back."""
+        if self.ingest([], [(device_id, msg, now)]) == [] and not self.device_exists(device_id):
+            raise NotFound(f"device {device_id!r} is unknown")
+
+    def ingest(self, telemetry: Sequence[tuple[str, messages.Telemetry, datetime]],
+               heartbeats: Sequence[tuple[str, messages.Heartbeat, datetime]] = ()) -> list[str]:
+        """Store a batch of telemetry aggregates and heartbeats in one transaction.
+
+        Returns one of ``stored`` / ``duplicate`` / ``unknown_device`` per telemetry item, in
+        order. Raw rows, hourly rollups (latency buckets and drift bins are added up in SQL with
+        an upsert), predictions, the devices' ``last_seen``/health and their connection
+        sessions are all written here; heartbeats only touch the device and detect restarts.
+        """
+        if not telemetry and not heartbeats:
+            return []
+        ids = sorted({d for d, _, _ in telemetry} | {d for d, _, _ in heartbeats})
+        with self.engine.begin() as conn:
+            known = {r.id: r for r in conn.execute(select(
+                Device.id, Device.last_seen, Device.uptime_s).where(Device.id.in_(ids)))}
+            statuses = [STORED if d in known else UNKNOWN for d, _, _ in telemetry]
+            # One multi-row INSERT .. ON CONFLICT DO NOTHING RETURNING per chunk: the database
+            # says which rows are new (redeliveries, duplicates inside the batch and rows another
+            # replica stored first are skipped), and only those go into the rollups.
+            candidates = [(i, d, m, at) for i, (d, m, at) in enumerate(telemetry) if d in known]
+            inserted: set[tuple[str, int]] = set()
+            dt = _dt_param(conn)
+            for c in range(0, len(candidates), RAW_CHUNK):
+                part = candidates[c:c + RAW_CHUNK]
+                params: list[Any] = []
+                for _, d, m, at in part:
+                    params.extend((d, m.seq, dt(at), m.interval_s, m.count, m.errors, _json(m.latency_hist),
+                                   m.latency_sum_ms, m.cpu_percent, m.rss_bytes, m.artifact, m.model_version,
+                                   _json(getattr(m, "health", None))))
+                sql = _raw_insert_sql(conn, len(part))
+                inserted.update((r[0], r[1]) for r in conn.exec_driver_sql(sql, tuple(params)))
+            fresh: list[tuple[str, messages.Telemetry, datetime]] = []
+            for i, d, m, at in candidates:
+                if (d, m.seq) in inserted:
+                    inserted.discard((d, m.seq))  # a second copy in the same batch is a duplicate
+                    fresh.append((d, m, at))
+                else:
+                    statuses[i] = DUPLICATE
+            if fresh:
+                self._rollup(conn, fresh)
+            # devices: last_seen, health, uptime/restarts; sessions for devices without one
+            seen: dict[str, datetime] = {}
+            for d, _, at in (*((d, m, a) for d, m, a in fresh), *heartbeats):
+                if d in known and (d not in seen or at > seen[d]):
+                    seen[d] = at
+            dt = _dt_param(conn)
+            updates = [(dt(at), d) for d, at in seen.items() if at > known[d].last_seen]
+            if updates:
+                mark = _mark(conn)
+                conn.exec_driver_sql(f"UPDATE devices SET last_seen = {mark} WHERE id = {mark}", updates)  # type: ignore[arg-type]
+            health = {d: (m.health, at) for d, m, at in fresh if getattr(m, "health", None) is not None}
+            if health:
+                conn.execute(update(Device.__table__).where(Device.__table__.c.id == bindparam("b_id"))
+                             .values(health=bindparam("b_health"), health_at=bindparam("b_at")),
+                             [{"b_id": d, "b_health": h, "b_at": at} for d, (h, at) in health.items()])
+            self._heartbeats(conn, [(d, m, at) for d, m, at in heartbeats if d in known], known)
+            if seen:
+                cs = ConnectionSession.__table__
+                open_ = set(conn.scalars(select(cs.c.device_id).where(
+                    cs.c.device_id.in_(list(seen)), cs.c.ended_at.is_(None))))
+                first: dict[str, datetime] = {}
+                for d, _, at in (*fresh, *heartbeats):
+                    if d in seen and d not in open_ and (d not in first or at < first[d]):
+                        first[d] = at
+                if first:
+                    conn.execute(insert(cs), [{"device_id": d, "started_at": at, "ended_at": None,
+                                               "end_reason": None, "connection": ""}
+                                              for d, at in first.items()])
+        return statuses
+
+    def _heartbeats(self, conn: Connection, beats: Sequence[tuple[str, messages.Heartbeat, datetime]],
+                    known: dict[str, Any]) -> None:
+        last = {d: known[d].uptime_s for d in known}
+        events, uptimes = [], {}
+        for d, m, at in beats:
+            if last[d] is not None and m.uptime_s < last[d]:
+                events.append({"device_id": d, "at": at, "kind": "restart",
+                               "detail": f"agent uptime went from {last[d]:g}s to {m.uptime_s:g}s"})
+            last[d] = uptimes[d] = m.uptime_s
+        if events:
+            conn.execute(insert(EventRow.__table__), events)
+        if uptimes:
+            conn.execute(update(Device.__table__).where(Device.__table__.c.id == bindparam("b_id"))
+                         .values(uptime_s=bindparam("b_up")),
+                         [{"b_id": d, "b_up": u} for d, u in uptimes.items()])
+
+    def _rollup(self, conn: Connection, rows: Sequence[tuple[str, messages.Telemetry, datetime]]) -> None:
+        """Add a batch's new rows to the hourly rollups, the drift rollups and the predictions."""
+        lat: dict[tuple[str, datetime, str, str], list[Any]] = {}
+        dr: dict[tuple[str, datetime, str], list[Any]] = {}
+        preds = []
+        # histograms: one (rows x buckets) array, summed per rollup key with np.add.at
+        hists = np.array([m.latency_hist for _, m, _ in rows], dtype=np.int64)
+        slot: dict[tuple[str, datetime, str, str], int] = {}
+        index = np.empty(len(rows), dtype=np.int64)
+        for i, (d, m, at) in enumerate(rows):
+            hour = floor_hour(at)
+            key = (d, hour, m.artifact or "", m.model_version or "")
+            acc = lat.get(key)
+            if acc is None:
+                acc = lat[key] = [0, 0, 0, 0.0, None]
+                slot[key] = len(slot)
+            index[i] = slot[key]
+            acc[0] += 1
+            acc[1] += m.count
+            acc[2] += m.errors
+            acc[3] += m.latency_sum_ms
+            if m.drift is not None:
+                dkey = (d, hour, m.artifact or "")
+                dacc = dr.get(dkey)
+                if dacc is None:
+                    dacc = dr[dkey] = [0, {f: np.zeros(drift.N_BINS, dtype=np.int64) for f in drift.FIELDS}]
+                dacc[0] += 1
+                for f in drift.FIELDS:
+                    dacc[1][f] += m.drift[f]
+            if m.predictions:
+                preds.extend({"device_id": d, "request_id": rid, "predicted": cls, "artifact": m.artifact or "",
+                              "model_version": m.model_version or "", "received_at": at}
+                             for rid, cls in m.predictions)
+        if lat:
+            summed = np.zeros((len(slot), histogram.N_BUCKETS), dtype=np.int64)
+            np.add.at(summed, index, hists)
+            for key, acc in lat.items():
+                acc[4] = summed[slot[key]]
+        dt = _dt_param(conn)
+        if lat:
+            rows_ = [(dt(hour), d, art, mv, n, count, errors, sum_ms, *hist.tolist())
+                     for (d, hour, art, mv), (n, count, errors, sum_ms, hist) in lat.items()]
+            sums = ("intervals", "count", "errors", "latency_sum_ms", *BUCKETS)
+            conn.exec_driver_sql(_upsert_sql(conn, hourly, ("hour", "device_id", "artifact", "model_version"), sums),
+                                 rows_)  # type: ignore[arg-type]
+        if dr:
+            cols = tuple(c for f in drift.FIELDS for c in DRIFT_COLS[f])
+            rows_ = [(dt(hour), d, art, n, *(v for f in drift.FIELDS for v in counts[f].tolist()))
+                     for (d, hour, art), (n, counts) in dr.items()]
+            conn.exec_driver_sql(_upsert_sql(conn, drift_hourly, ("hour", "device_id", "artifact"),
+                                             ("intervals", *cols)), rows_)  # type: ignore[arg-type]
+            self._grow_baselines(conn, rows)
+        if preds:
+            conn.execute(insert(Prediction.__table__), preds)
+
+    def _grow_baselines(self, conn: Connection, rows: Sequence[tuple[str, messages.Telemetry, datetime]]) -> None:
+        """Feed the first summaries of an artifact into its fleet baseline until it is complete."""
+        by_art: dict[str, list[dict[str, list[int]]]] = {}
+        for _, m, _ in rows:
+            if m.drift is not None and m.artifact:
+                by_art.setdefault(m.artifact, []).append(m.drift)
+        b = DriftBaseline.__table__
+        now = max(at for _, _, at in rows)
+        for art, summaries in by_art.items():
+            row = conn.execute(select(b).where(b.c.artifact == art)).first()
+            if row is not None and row.complete:
+                continue
+            have = row.intervals if row is not None else 0
+            take = summaries[: max(0, self.baseline_intervals - have)]
+            merged = drift.merge([row.summary, *take] if row is not None else take)
+            values = {"summary": merged, "intervals": have + len(take),
+                      "complete": have + len(take) >= self.baseline_intervals, "updated_at": now}
+            if row is None:
                 try:
-                    s.flush()
-                except IntegrityError:  # another replica stored it first
-                    raise _Duplicate from None
-        except _Duplicate:
-            return False
-        return True
+                    with conn.begin_nested():
+                        conn.execute(insert(b), [{"artifact": art, "source": "fleet", **values}])
+                except IntegrityError:  # another replica started it: it grows on the next batch
+                    pass
+            else:
+                conn.execute(update(b).where(b.c.artifact == art).values(**values))
 
     def report(self, device_id: str, msg: messages.Reported, now: datetime) -> bool:
         """Record a device's deployment progress; False if the deployment does not target it."""
@@ -367,6 +689,9 @@ class Store:
             target = s.get(DeploymentTarget, (msg.deployment_id, device_id))
             if target is None:
                 return False
+            if msg.state == "failed" and target.state != "failed":
+                s.add(EventRow(device_id=device_id, at=now, kind="deploy_failed",
+                               detail=f"{msg.deployment_id}: {msg.detail}"[:2000]))
             target.state, target.detail, target.updated_at = msg.state, msg.detail, now
         return True
 
@@ -534,53 +859,320 @@ class Store:
 
     # -- health --------------------------------------------------------------------------------
 
-    def fleet_health(self, window_s: float, now: datetime | None = None) -> dict[str, Any]:
+    def fleet_health(self, window_s: float, now: datetime | None = None, *, group: str | None = None,
+                     model: str | None = None, by: str = "device", device: str | None = None) -> dict[str, Any]:
+        """Availability, stability and performance over the last ``window_s`` seconds.
+
+        Per device always; with ``by="group"`` or ``by="model"`` also per group / model version
+        (in ``rows``); ``fleet`` sums everything selected. ``group`` keeps devices whose label
+        ``group`` equals it; ``model`` keeps telemetry of a model given as name, version,
+        ``name:version`` or an artifact sha256 prefix (≥ 6 characters).
+        """
+        if by not in ("device", "group", "model"):
+            raise ValueError(f"by must be device, group or model, not {by!r}")
         now = now or self.clock()
+        source = "raw" if window_s <= self.raw_query_max_s else "hourly"
         since = now - timedelta(seconds=window_s)
+        if source == "hourly":
+            since = floor_hour(since)
         with self._session() as s:
-            devices = s.scalars(select(Device).order_by(Device.id)).all()
-            sessions: dict[str, list[ConnectionSession]] = {}
-            for sess in s.scalars(select(ConnectionSession).where(
-                    (ConnectionSession.ended_at.is_(None)) | (ConnectionSession.ended_at >= since))):
-                sessions.setdefault(sess.device_id, []).append(sess)
-            tele: dict[str, list[TelemetryRow]] = {}
-            for row in s.scalars(select(TelemetryRow).where(
-                    TelemetryRow.received_at >= since, TelemetryRow.received_at <= now)):
-                tele.setdefault(row.device_id, []).append(row)
-            out = []
+            conn = s.connection()
+            q = select(Device).order_by(Device.id)
+            if device is not None:
+                q = q.where(Device.id == device)
+            devices = [d for d in s.scalars(q) if group is None or (d.labels or {}).get("group") == group]
+            ids = {d.id for d in devices}
+            arts = {a.sha256: (a.name, a.version) for a in s.scalars(select(Artifact))}
+
+            def wanted(art: str, mv: str) -> bool:
+                return model is None or model_matches(model, art, mv, arts)
+
+            tele = {k: v for k, v in self._telemetry(conn, source, since, now).items()
+                    if k[0] in ids and wanted(k[1], k[2])}
+            if model is not None:
+                ids = {k[0] for k in tele} | {d.id for d in devices
+                                              if d.model_artifact and wanted(d.model_artifact, d.model_version or "")}
+                devices = [d for d in devices if d.id in ids]
+            cs = ConnectionSession.__table__
+            sessions: dict[str, list[tuple[datetime, datetime | None]]] = {}
+            for d, a, b in conn.execute(select(cs.c.device_id, cs.c.started_at, cs.c.ended_at).where(
+                    (cs.c.ended_at.is_(None)) | (cs.c.ended_at >= since), cs.c.started_at <= now)):
+                if d in ids:
+                    sessions.setdefault(d, []).append((_aware(a), _aware(b)))
+            ev = EventRow.__table__
+            events: dict[tuple[str, str], int] = {}
+            for d, kind, n in conn.execute(select(ev.c.device_id, ev.c.kind, func.count()).where(
+                    ev.c.at >= since, ev.c.at <= now).group_by(ev.c.device_id, ev.c.kind)):
+                events[(d, kind)] = n
+            labels = {k: v for k, v in self._labelled(conn, since, now).items()
+                      if k[0] in ids and wanted(k[1], k[2])}
+            drifts = {k: v for k, v in self._drift(conn, since, now).items() if k[0] in ids and wanted(k[1], "")}
+            baselines = {b.artifact: b.summary for b in s.scalars(
+                select(DriftBaseline).where(DriftBaseline.complete.is_(True)))}
+            dt_ = DeploymentTarget.__table__.c
+            targets = {(a, b): st for a, b, st in conn.execute(select(dt_.deployment_id, dt_.device_id, dt_.state))
+                       if b in ids}
+
+            tele_of: dict[str, list[Tele]] = {}
+            for k, v in tele.items():
+                tele_of.setdefault(k[0], []).append(v)
+            labels_of: dict[str, list[dict[int, list[int]]]] = {}
+            for k, v in labels.items():
+                labels_of.setdefault(k[0], []).append(v)
+            drifts_of: dict[str, list[tuple[str, dict[str, list[int]]]]] = {}
+            for k, v in drifts.items():
+                drifts_of.setdefault(k[0], []).append((k[1], v))
+            per_device: list[dict[str, Any]] = []
+            groups: dict[str, dict[str, Any]] = {}
             for dev in devices:
-                dsess = sessions.get(dev.id, [])
+                t = merged(tele_of.get(dev.id, []))
+                av = availability(sessions.get(dev.id, []), dev.first_seen, since, now)
+                lab: dict[int, list[int]] = {}
+                for v in labels_of.get(dev.id, []):
+                    add_labels(lab, v)
+                psis = [drift_psi(v, baselines.get(art)) for art, v in drifts_of.get(dev.id, [])]
+                psis = [p for p in psis if p["drift_psi"] is not None]
+                worst = max(psis, key=lambda p: p["drift_psi"]) if psis else drift_psi(None, None)
                 state = None
                 if dev.deployment_id is not None:
-                    t = s.get(DeploymentTarget, (dev.deployment_id, dev.id))
-                    state = t.state if t else PENDING
-                out.append({
-                    "id": dev.id,
-                    "online": any(x.ended_at is None for x in dsess),
-                    "model_version": dev.model_version,
-                    "deployment_state": state,
-                    **telemetry_summary(tele.get(dev.id, [])),
-                    "availability": availability(dsess, dev.first_seen, since, now),
-                    "outages": sum(1 for x in dsess if x.ended_at is not None and since <= x.ended_at <= now),
-                })
-        return {"window_s": window_s, "generated_at": iso(now), "devices": out}
+                    state = targets.get((dev.deployment_id, dev.id), PENDING)
+                restarts = events.get((dev.id, "restart"), 0)
+                failures = events.get((dev.id, "deploy_failed"), 0)
+                g = (dev.labels or {}).get("group")
+                row = {"id": dev.id, "group": g, "online": any(b is None for _, b in sessions.get(dev.id, [])),
+                       "model_version": dev.model_version, "model": dev.model_name,
+                       "deployment_state": state, **t.summary(), **av.summary(), "restarts": restarts,
+                       "model_load_failures": failures, **performance(lab), **worst}
+                per_device.append(row)
+                acc = groups.setdefault(g or "-", {"tele": Tele(), "avail": Avail(), "labels": {},
+                                                   "devices": 0, "online": 0, "restarts": 0, "failures": 0})
+                acc["tele"].add(t)
+                acc["avail"].add(av)
+                add_labels(acc["labels"], lab)
+                acc["devices"] += 1
+                acc["online"] += int(row["online"])
+                acc["restarts"] += restarts
+                acc["failures"] += failures
+
+            def group_row(key: dict[str, Any], acc: dict[str, Any]) -> dict[str, Any]:
+                return {**key, "devices": acc["devices"], "online": acc["online"], **acc["tele"].summary(),
+                        **acc["avail"].summary(), "restarts": acc["restarts"],
+                        "model_load_failures": acc["failures"], **performance(acc["labels"])}
+
+            fleet: dict[str, Any] = {"tele": Tele(), "avail": Avail(), "labels": {}, "devices": 0,
+                                     "online": 0, "restarts": 0, "failures": 0}
+            for acc in groups.values():
+                fleet["tele"].add(acc["tele"])
+                fleet["avail"].add(acc["avail"])
+                add_labels(fleet["labels"], acc["labels"])
+                for k in ("devices", "online", "restarts", "failures"):
+                    fleet[k] += acc[k]
+            out: dict[str, Any] = {
+                "window_s": window_s, "generated_at": iso(now), "since": iso(since), "source": source,
+                "by": by, "group": group, "model_filter": model, "devices": per_device,
+                "fleet": group_row({}, fleet)}
+            if by == "group":
+                out["rows"] = [group_row({"group": g}, acc) for g, acc in sorted(groups.items())]
+            elif by == "model":
+                out["rows"] = self._model_rows(tele, labels, drifts, baselines, arts)
+        return out
+
+    def _model_rows(self, tele: dict[tuple[str, str, str], Tele], labels: dict[tuple[str, str, str], dict[int, list[int]]],
+                    drifts: dict[tuple[str, str], dict[str, list[int]]], baselines: dict[str, Any],
+                    arts: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        for (d, art, mv), t in tele.items():
+            name = arts.get(art, (None, None))[0]
+            acc = rows.setdefault((art, mv), {"tele": Tele(), "devices": set(), "labels": {}, "name": name})
+            acc["tele"].add(t)
+            acc["devices"].add(d)
+        for (_, art, mv), lab in labels.items():
+            if (art, mv) in rows:
+                add_labels(rows[(art, mv)]["labels"], lab)
+        out = []
+        for (art, mv), acc in sorted(rows.items(), key=lambda kv: (kv[1]["name"] or "", kv[0][1], kv[0][0])):
+            summ = [v for k, v in drifts.items() if k[1] == art]
+            dr = drift_psi(drift.merge(summ), baselines.get(art)) if summ else drift_psi(None, None)
+            out.append({"model": acc["name"], "version": mv or None, "artifact": art or None,
+                        "devices": len(acc["devices"]), **acc["tele"].summary(),
+                        **performance(acc["labels"]), **dr})
+        return out
+
+    def _telemetry(self, conn: Connection, source: str, since: datetime, now: datetime
+                   ) -> dict[tuple[str, str, str], Tele]:
+        out: dict[tuple[str, str, str], Tele] = {}
+        if source == "raw":
+            t = TelemetryRow.__table__
+            rows = conn.execute(select(t.c.device_id, t.c.artifact, t.c.model_version, t.c.count, t.c.errors,
+                                       t.c.latency_sum_ms, t.c.latency_hist)
+                                .where(t.c.received_at >= since, t.c.received_at <= now))
+            for d, art, mv, count, errors, sum_ms, hist in rows:
+                key = (d, art or "", mv or "")
+                acc = out.get(key)
+                if acc is None:
+                    acc = out[key] = Tele()
+                acc.intervals += 1
+                acc.count += count
+                acc.errors += errors
+                acc.latency_sum_ms += sum_ms
+                acc.hist += np.asarray(hist, dtype=np.int64)
+            return out
+        h = hourly.c
+        cols = [func.sum(h[b]) for b in BUCKETS]
+        rows = conn.execute(select(h.device_id, h.artifact, h.model_version, func.sum(h.intervals),
+                                   func.sum(h.count), func.sum(h.errors), func.sum(h.latency_sum_ms), *cols)
+                            .where(h.hour >= since, h.hour <= now)
+                            .group_by(h.device_id, h.artifact, h.model_version))
+        for r in rows:
+            out[(r[0], r[1], r[2])] = Tele(int(r[3]), int(r[4]), int(r[5]), float(r[6]),
+                                           np.asarray(r[7:], dtype=np.int64))
+        return out
+
+    def _labelled(self, conn: Connection, since: datetime, now: datetime
+                  ) -> dict[tuple[str, str, str], dict[int, list[int]]]:
+        p, f = Prediction.__table__.c, Feedback.__table__.c
+        correct = func.sum(case((p.predicted == f.label, 1), else_=0))
+        rows = conn.execute(select(p.device_id, p.artifact, p.model_version, f.label, correct, func.count())
+                            .join_from(Prediction.__table__, Feedback.__table__, f.request_id == p.request_id)
+                            .where(p.received_at >= since, p.received_at <= now)
+                            .group_by(p.device_id, p.artifact, p.model_version, f.label))
+        out: dict[tuple[str, str, str], dict[int, list[int]]] = {}
+        for d, art, mv, label, c, n in rows:
+            out.setdefault((d, art, mv), {})[label] = [int(c), int(n)]
+        return out
+
+    def _drift(self, conn: Connection, since: datetime, now: datetime) -> dict[tuple[str, str], dict[str, list[int]]]:
+        h = drift_hourly.c
+        cols = [func.sum(h[c]) for f in drift.FIELDS for c in DRIFT_COLS[f]]
+        rows = conn.execute(select(h.device_id, h.artifact, *cols)
+                            .where(h.hour >= floor_hour(since), h.hour <= now)
+                            .group_by(h.device_id, h.artifact))
+        out = {}
+        for r in rows:
+            values = [int(v) for v in r[2:]]
+            out[(r[0], r[1])] = {f: values[i * drift.N_BINS:(i + 1) * drift.N_BINS]
+                                 for i, f in enumerate(drift.FIELDS)}
+        return out
+
+    def device_detail(self, device_id: str, window_s: float = 86400.0, now: datetime | None = None,
+                      limit: int = 20) -> dict[str, Any]:
+        """One device: what ``devices`` shows, its latest health report, its health over the
+        window, hourly history, recent sessions, deployments and events."""
+        now = now or self.clock()
+        out = self.device(device_id)
+        since = now - timedelta(seconds=window_s)
+        with self._session() as s:
+            dev = s.get(Device, device_id)
+            assert dev is not None
+            out["health"] = dev.health
+            out["health_at"] = iso(dev.health_at)
+            sess = s.scalars(select(ConnectionSession).where(ConnectionSession.device_id == device_id)
+                             .order_by(ConnectionSession.started_at.desc(), ConnectionSession.id.desc())
+                             .limit(limit)).all()
+            out["sessions"] = [{"started_at": iso(x.started_at), "ended_at": iso(x.ended_at),
+                                "end_reason": x.end_reason} for x in sess]
+            deps = s.execute(select(DeploymentTarget, Deployment, Artifact)
+                             .join(Deployment, Deployment.id == DeploymentTarget.deployment_id)
+                             .join(Artifact, Artifact.sha256 == Deployment.artifact)
+                             .where(DeploymentTarget.device_id == device_id)
+                             .order_by(Deployment.created_at.desc()).limit(limit)).all()
+            out["deployments"] = [{"id": dep.id, "name": a.name, "version": a.version, "artifact": a.sha256,
+                                   "state": t.state, "detail": t.detail, "created_at": iso(dep.created_at),
+                                   "updated_at": iso(t.updated_at)} for t, dep, a in deps]
+            evs = s.scalars(select(EventRow).where(EventRow.device_id == device_id)
+                            .order_by(EventRow.at.desc(), EventRow.id.desc()).limit(limit)).all()
+            out["events"] = [{"at": iso(e.at), "kind": e.kind, "detail": e.detail} for e in evs]
+            h = hourly.c
+            rows = s.connection().execute(
+                select(h.hour, func.sum(h.count), func.sum(h.errors), *[func.sum(h[b]) for b in BUCKETS])
+                .where(h.device_id == device_id, h.hour >= floor_hour(since), h.hour <= now)
+                .group_by(h.hour).order_by(h.hour))
+            history = []
+            for r in rows:
+                t = Tele(0, int(r[1]), int(r[2]), 0.0, np.asarray(r[3:], dtype=np.int64))
+                summ = t.summary()
+                history.append({"hour": iso(_aware(r[0])), "inferences": t.count, "errors": t.errors,
+                                "error_rate": summ["error_rate"], "p50_ms": summ["p50_ms"],
+                                "p95_ms": summ["p95_ms"]})
+            out["history"] = history
+        out["window"] = {k: v for k, v in self.fleet_health(window_s, now, device=device_id)["devices"][0].items()
+                         if k not in ("id", "online", "group", "model", "model_version", "deployment_state")}
+        out["window"]["window_s"] = window_s
+        return out
+
+    # -- feedback, baselines, retention --------------------------------------------------------
+
+    def add_feedback(self, labels: Sequence[tuple[str, int]], now: datetime | None = None) -> dict[str, int]:
+        """Store ground-truth labels for request ids (a later label for the same id replaces it)."""
+        now = now or self.clock()
+        latest = {rid: label for rid, label in labels}
+        if not latest:
+            return {"stored": 0, "matched": 0}
+        f = Feedback.__table__
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert as dialect_insert
+            else:
+                from sqlalchemy.dialects.sqlite import insert as dialect_insert
+            stmt = dialect_insert(f)
+            stmt = stmt.on_conflict_do_update(index_elements=["request_id"],
+                                              set_={"label": stmt.excluded.label, "received_at": stmt.excluded.received_at})
+            conn.execute(stmt, [{"request_id": r, "label": lab, "received_at": now} for r, lab in latest.items()])
+            p = Prediction.__table__.c
+            matched = 0
+            keys = list(latest)
+            for i in range(0, len(keys), 1000):
+                matched += conn.scalar(select(func.count(func.distinct(p.request_id)))
+                                       .where(p.request_id.in_(keys[i:i + 1000]))) or 0
+        return {"stored": len(latest), "matched": int(matched)}
+
+    def set_baseline(self, artifact: str, summary: dict[str, list[int]], now: datetime | None = None) -> None:
+        """Use a baseline computed from the bundle's calibration data (manifest ``drift_baseline``)."""
+        now = now or self.clock()
+        with self._session() as s, s.begin():
+            row = s.get(DriftBaseline, artifact)
+            if row is None:
+                row = DriftBaseline(artifact=artifact)
+                s.add(row)
+            row.source, row.intervals, row.complete = "manifest", 0, True
+            row.summary, row.updated_at = drift.merge([summary]), now
+
+    def baseline(self, artifact: str) -> dict[str, Any] | None:
+        with self._session() as s:
+            row = s.get(DriftBaseline, artifact)
+            if row is None:
+                return None
+            return {"artifact": artifact, "source": row.source, "intervals": row.intervals,
+                    "complete": row.complete, "summary": row.summary}
+
+    def apply_retention(self, raw_s: float, rollup_s: float, now: datetime | None = None) -> dict[str, int]:
+        """Delete raw aggregates (and predictions, feedback) older than ``raw_s`` and rollups,
+        closed sessions and events older than ``rollup_s``; return rows deleted per table."""
+        now = now or self.clock()
+        raw_cut, roll_cut = now - timedelta(seconds=raw_s), now - timedelta(seconds=rollup_s)
+        cs = ConnectionSession.__table__
+        plan = [(TelemetryRow.__table__, TelemetryRow.__table__.c.received_at < raw_cut),
+                (Prediction.__table__, Prediction.__table__.c.received_at < raw_cut),
+                (Feedback.__table__, Feedback.__table__.c.received_at < raw_cut),
+                (hourly, hourly.c.hour < floor_hour(roll_cut)),
+                (drift_hourly, drift_hourly.c.hour < floor_hour(roll_cut)),
+                (EventRow.__table__, EventRow.__table__.c.at < roll_cut),
+                (cs, cs.c.ended_at.is_not(None) & (cs.c.ended_at < roll_cut))]
+        deleted = {}
+        with self.engine.begin() as conn:
+            for table, cond in plan:
+                deleted[table.name] = conn.execute(delete(table).where(cond)).rowcount or 0
+        return deleted
 
 
-def telemetry_summary(rows: Sequence[TelemetryRow]) -> dict[str, Any]:
-    inferences = sum(r.count for r in rows)
-    errors = sum(r.errors for r in rows)
-    merged = histogram.merge(r.latency_hist for r in rows)
-    return {"inferences": inferences, "errors": errors,
-            "error_rate": errors / inferences if inferences else None,
-            "p50_ms": histogram.quantile(merged, 0.5), "p95_ms": histogram.quantile(merged, 0.95)}
+def _aware(dt: datetime | None) -> datetime | None:
+    """Core selects on UTCDateTime columns already return aware datetimes; raw ones may not."""
+    if dt is None or dt.tzinfo is not None:
+        return dt
+    return dt.replace(tzinfo=UTC)
 
 
-def availability(sessions: Sequence[ConnectionSession], first_seen: datetime, since: datetime,
-                 now: datetime) -> float | None:
-    """Fraction of [max(since, first_seen), now] covered by connection sessions."""
-    start = max(since, first_seen)
-    span = (now - start).total_seconds()
-    if span <= 0:
-        return None
-    covered = covered_seconds(((x.started_at, x.ended_at or now) for x in sessions), start, now)
-    return min(1.0, covered / span)
+def model_matches(pattern: str, artifact: str, model_version: str, arts: dict[str, tuple[str, str]]) -> bool:
+    name = arts.get(artifact, (None, None))[0]
+    names = {model_version, name, f"{name}:{model_version}", f"{name}@{model_version}"} - {None, ""}
+    return pattern in names or (len(pattern) >= 6 and bool(artifact) and artifact.startswith(pattern))

@@ -149,3 +149,25 @@ def test_histogram_quantiles_are_within_bucket_error() -> None:
     assert histogram.quantile(histogram.empty(), 0.5) is None
     assert histogram.bucket_of(float("nan")) == 0
     assert histogram.bucket_of(1e9) == histogram.N_BUCKETS - 1
+
+
+numeric_dtypes = st.sampled_from(["<f4", "<f8", "<f2", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", ">i4", ">f4", "|b1", "<c8"])
+
+
+@given(dtype=numeric_dtypes, shape=st.lists(st.integers(0, 5), min_size=0, max_size=4), seed=st.integers(0, 2**16))
+def test_npy_bytes_match_numpy_and_round_trip(dtype: str, shape: list[int], seed: int) -> None:
+    import io
+
+    a = (np.random.default_rng(seed).normal(size=shape) * 100).astype(np.dtype(dtype))
+    buf = io.BytesIO()
+    np.save(buf, a)
+    assert tensor_to_npy(a) == buf.getvalue()  # our fast writer is byte-identical to np.save
+    back = npy_to_tensor(buf.getvalue())
+    assert back.dtype == a.dtype and back.shape == a.shape
+    np.testing.assert_array_equal(back, a)
+
+
+def test_truncated_npy_is_refused() -> None:
+    data = tensor_to_npy(np.zeros((4, 4), np.float32))
+    with pytest.raises(ProtocolError, match="data bytes for shape"):
+        npy_to_tensor(data[:-3])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -76,10 +77,25 @@ class Chunk:
         return cls(artifact=artifact, index=index, count=count, data=body)
 
 
+_NPY_MAGIC = b"\x93NUMPY\x01\x00"
+_HEADER_RE = re.compile(
+    rb"^\{'descr': '([<>|][a-zA-Z]\d{1,2})', 'fortran_order': (True|False), 'shape': \(((?:\d+, ?)*\d*)\), \} *\n$")
+
+
 def tensor_to_npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
+    """``.npy`` v1.0 bytes, byte-identical to ``np.save`` (written directly: np.save is slow)."""
+    a = np.asarray(array)
+    if not a.flags.c_contiguous:
+        a = a.copy(order="C")
+    if a.dtype.hasobject or a.dtype.names is not None or a.dtype.subdtype is not None:
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=False)  # raises on objects: never pickles
+        return buf.getvalue()
+    shape = "(" + "".join(f"{d}, " for d in a.shape)[:-2] + ("," if a.ndim == 1 else "") + ")"
+    head = f"{{'descr': '{np.lib.format.dtype_to_descr(a.dtype)}', 'fortran_order': False, 'shape': {shape}, }}"
+    pad = 64 - (len(_NPY_MAGIC) + 2 + len(head) + 1) % 64
+    header = (head + " " * (pad % 64) + "\n").encode("latin1")
+    return _NPY_MAGIC + struct.pack("<H", len(header)) + header + a.tobytes()
 
 
 def npy_to_tensor(data: bytes) -> np.ndarray:
@@ -88,6 +104,9 @@ def npy_to_tensor(data: bytes) -> np.ndarray:
         raise ProtocolError(f"tensor payload is {len(data)} bytes, limit is {MAX_TENSOR_BYTES}")
     if not data.startswith(b"\x93NUMPY"):
         raise ProtocolError("payload is not a .npy tensor (missing the .npy magic bytes)")
+    fast = _fast_npy(data)
+    if fast is not None:
+        return fast
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:  # numpy raises ValueError, OSError, EOFError... on junk
@@ -95,6 +114,28 @@ def npy_to_tensor(data: bytes) -> np.ndarray:
     if not isinstance(array, np.ndarray) or array.dtype.hasobject:
         raise ProtocolError("payload is not a numeric .npy tensor")
     return array
+
+
+def _fast_npy(data: bytes) -> np.ndarray | None:
+    """Parse the common v1.0 header without ``np.load``'s literal_eval (~10x faster); None = slow path."""
+    if not data.startswith(_NPY_MAGIC) or len(data) < 10:
+        return None
+    (n,) = struct.unpack_from("<H", data, 8)
+    m = _HEADER_RE.match(data[10 : 10 + n])
+    if m is None or m.group(2) != b"False":
+        return None
+    try:
+        dtype = np.dtype(m.group(1).decode())
+    except TypeError:
+        return None
+    if dtype.hasobject or dtype.kind not in "biufc":
+        return None
+    shape = tuple(int(d) for d in m.group(3).split(b",") if d.strip())
+    body = memoryview(data)[10 + n :]
+    count = int(np.prod(shape)) if shape else 1
+    if len(body) != count * dtype.itemsize:
+        raise ProtocolError(f"payload is not a .npy tensor: {len(body)} data bytes for shape {list(shape)} {dtype}")
+    return np.frombuffer(body, dtype=dtype).reshape(shape).copy()
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,15 @@ class Telemetry(Message):
     rss_bytes: int | None = None
     artifact: str | None = None
     model_version: str | None = None
+    #: Input/output summary of the interval (``sdk.protocol.drift``): field -> N_BINS counts.
+    drift: dict[str, list[int]] | None = None
+    #: Sampled predictions of the interval: ``[request_id, predicted_class]`` pairs (for feedback).
+    predictions: list[list[Any]] | None = None
+    #: The agent's health: a flat object of numbers/strings (temp_c, disk_free_bytes, uptime_s,
+    #: restarts, runtime, runtime_version, delegate, threads, ...); see :func:`_health_field`.
+    health: dict[str, Any] | None = None
+
+    MAX_PREDICTIONS: ClassVar[int] = 256
 
     @classmethod
     def from_dict(cls, data: Any) -> Telemetry:
@@ -228,8 +237,7 @@ class Telemetry(Message):
         hist = r.get("latency_hist", list)
         _check(len(hist) == histogram.N_BUCKETS, cls.kind, "latency_hist",
                f"must have {histogram.N_BUCKETS} buckets, got {len(hist)}")
-        _check(all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2**40 for c in hist),
-               cls.kind, "latency_hist", "must hold non-negative integers")
+        _check(_counts_ok(hist, 2**40), cls.kind, "latency_hist", "must hold non-negative integers")
         msg = cls(
             seq=r.nonneg_int("seq"),
             interval_s=r.nonneg_float("interval_s"),  # type: ignore[arg-type]
@@ -241,11 +249,60 @@ class Telemetry(Message):
             rss_bytes=r.get("rss_bytes", int, optional=True),
             artifact=r.sha("artifact", optional=True),
             model_version=r.text("model_version", optional=True),
+            drift=_drift_field(r),
+            predictions=_predictions_field(r, cls.MAX_PREDICTIONS),
+            health=_health_field(r),
         )
         _check(msg.errors <= msg.count, cls.kind, "errors", "must not exceed count")
         _check(sum(hist) == msg.count - msg.errors, cls.kind, "latency_hist",
                "must count every successful inference exactly once (sum == count - errors)")
         return msg
+
+
+def _counts_ok(values: list[Any], limit: int) -> bool:
+    """Every value an int (not a bool) in [0, limit); fast: the server checks 10k histograms/s."""
+    return all(type(c) is int for c in values) and (not values or (min(values) >= 0 and max(values) < limit))
+
+
+def _drift_field(r: _Reader) -> dict[str, list[int]] | None:
+    from . import drift
+
+    value = r.get("drift", dict, optional=True)
+    if value is None:
+        return None
+    _check(set(value) == set(drift.FIELDS), r.kind, "drift", f"must have exactly the keys {', '.join(drift.FIELDS)}")
+    for key in drift.FIELDS:
+        counts = value[key]
+        _check(isinstance(counts, list) and len(counts) == drift.N_BINS, r.kind, f"drift.{key}",
+               f"must be a list of {drift.N_BINS} counts")
+        _check(_counts_ok(counts, 2**40), r.kind, f"drift.{key}", "must hold non-negative integers")
+    return {k: list(value[k]) for k in drift.FIELDS}
+
+
+def _health_field(r: _Reader) -> dict[str, Any] | None:
+    """Flat: at most 32 id-like keys, each a finite number or a string of at most 128 characters."""
+    value = r.get("health", dict, optional=True)
+    if value is None:
+        return None
+    _check(len(value) <= 32, r.kind, "health", "has more than 32 entries")
+    for k, v in value.items():
+        ok = (isinstance(v, str) and len(v) <= 128) or (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        _check(valid_id(k) and ok, r.kind, f"health.{str(k)[:40]}",
+               "must map an id-like key to a finite number or a string of at most 128 characters")
+    return dict(value)
+
+
+def _predictions_field(r: _Reader, limit: int) -> list[list[Any]] | None:
+    value = r.get("predictions", list, optional=True)
+    if value is None:
+        return None
+    _check(len(value) <= limit, r.kind, "predictions", f"has more than {limit} entries")
+    for p in value:
+        _check(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and 0 < len(p[0]) <= 64
+               and isinstance(p[1], int) and not isinstance(p[1], bool) and 0 <= p[1] < 2**31,
+               r.kind, "predictions", "must hold [request_id (1-64 chars), class >= 0] pairs")
+    return [list(p) for p in value]
 
 
 @dataclass(frozen=True)
