@@ -10,8 +10,6 @@ latency of the real interpreter (1 thread) × the profile's ``speed_factor``.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,17 +68,11 @@ def _arena_bytes(model: TFLiteModel) -> int:
 
 
 def _host_ms(model: TFLiteModel, runs: int = 100) -> float:
+    from .compress import latency_ms
+
     spec = model.input_spec
-    shape = [1 if d == -1 else d for d in spec["shape"]]
-    x = np.zeros(shape, dtype=np.dtype(spec["dtype"]))
-    for _ in range(5):
-        model.run(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        model.run(x)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    x = np.zeros([1 if d == -1 else d for d in spec["shape"]], dtype=np.dtype(spec["dtype"]))
+    return latency_ms(model, x, runs)["median"]
 
 
 def load_variant(path: str | Path) -> Variant:

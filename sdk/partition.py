@@ -17,8 +17,6 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import combinations
@@ -191,14 +189,9 @@ def _units(g: Graph) -> list[tuple[int, int]]:
 
 
 def _time_ms(model: TFLiteModel, x: np.ndarray, runs: int) -> float:
-    for _ in range(5):
-        model.run(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        model.run(x)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    from .compress import latency_ms
+
+    return latency_ms(model, x, runs)["median"]
 
 
 def _convert(keras_model: Any, quantize: str, calibration: np.ndarray | None) -> bytes:
