@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,36 +25,13 @@ from typing import Any
 
 from sdk.protocol.bundle import Bundle, read_bundle
 from sdk.protocol.errors import BundleError
+from sdk.protocol.fsutil import write_atomic as atomic_write
 from sdk.protocol.messages import ActiveModel
 
 log = logging.getLogger("edgectl.agent.slots")
 
 SLOTS = ("a", "b")
 BUNDLE = "bundle.zip"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new content."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
 
 
 def _model_from(data: Any) -> ActiveModel | None:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import tempfile
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import sqlalchemy as sa
+from _databases import fresh_database, targets
 
 from sdk.protocol import histogram, messages
 from server.store import Store
 
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 NOW = datetime(2030, 6, 1, 23, 59, 30, tzinfo=UTC)
 ARTS = ("aa" * 32, "bb" * 32)
 
@@ -102,22 +100,9 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--minutes", type=int, default=1440)
     args = ap.parse_args()
-    for target in (["sqlite", "postgresql"] if args.db == "both" else [args.db]):
-        if target == "sqlite":
-            run(f"sqlite:///{tempfile.mkdtemp(prefix='edgectl-hq-')}/h.db", args.devices, args.minutes)
-        elif target == "postgresql":
-            admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-            name = f"edgectl_bench_{uuid.uuid4().hex[:8]}"
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f"CREATE DATABASE {name}")
-            try:
-                run(PG_ADMIN.rsplit("/", 1)[0] + f"/{name}", args.devices, args.minutes)
-            finally:
-                with admin.connect() as conn:
-                    conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-                admin.dispose()
-        else:
-            run(target, args.devices, args.minutes)
+    for target in targets(args.db):
+        with fresh_database(target) as url:
+            run(url, args.devices, args.minutes)
 
 
 if __name__ == "__main__":

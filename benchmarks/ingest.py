@@ -18,18 +18,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sqlalchemy as sa
+from _databases import fresh_database, targets
 
 from sdk.protocol import histogram, messages, topics
 from server.broker import find_mosquitto, free_port, port_accepts, render_config
-
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def payloads(n: int, devices: int) -> list[tuple[str, bytes]]:
@@ -128,23 +126,9 @@ def main() -> None:
             if port_accepts(port):
                 break
             time.sleep(0.05)
-        targets = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
-        for target in targets:
-            if target == "sqlite":
-                run(f"sqlite:///{work / f'ingest-{uuid.uuid4().hex[:6]}.db'}", args.messages, args.devices, port)
-            elif target == "postgresql":
-                admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-                name = f"edgectl_bench_{uuid.uuid4().hex[:8]}"
-                with admin.connect() as conn:
-                    conn.exec_driver_sql(f"CREATE DATABASE {name}")
-                try:
-                    run(PG_ADMIN.rsplit("/", 1)[0] + f"/{name}", args.messages, args.devices, port)
-                finally:
-                    with admin.connect() as conn:
-                        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-                    admin.dispose()
-            else:
-                run(target, args.messages, args.devices, port)
+        for target in targets(args.db):
+            with fresh_database(target) as url:
+                run(url, args.messages, args.devices, port)
     finally:
         broker.terminate()
         broker.wait(10)

@@ -148,7 +148,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from .service import write_atomic
+    from sdk.protocol.fsutil import write_atomic
 
     write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from sdk.protocol import topics
+from sdk.protocol.fsutil import write_atomic
 from sdk.protocol.topics import DeviceTopic
 
 from .broker import run_as_lines
@@ -105,10 +106,4 @@ def render_secure_listener(port: int, broker_dir: Path, *, host: str = "127.0.0.
 
 def write_secret_file(path: Path, text: str) -> None:
     """Write a credentials file readable by its owner only, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, text.encode(), mode=0o600)

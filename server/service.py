@@ -6,18 +6,16 @@ seam (``server.mqtt.MqttSide`` in production, a list in tests).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Protocol
 
 from sdk.protocol import drift, frames, messages, topics
 from sdk.protocol.bundle import read_bundle
 from sdk.protocol.errors import BundleError, ProtocolError
+from sdk.protocol.fsutil import write_atomic
 from sdk.protocol.topics import DeviceTopic
 
 from . import __version__
@@ -48,26 +46,6 @@ class Rejected(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class Service:

@@ -12,6 +12,7 @@ import pytest
 
 from agent import slots
 from agent.slots import DataDir, atomic_write
+from sdk.protocol import fsutil
 from sdk.protocol.bundle import sha256_bytes, tensor_spec, write_bundle
 from sdk.protocol.frames import tensor_to_npy
 from sdk.protocol.messages import ActiveModel
@@ -50,7 +51,7 @@ def test_atomic_write_failure_keeps_old_content(tmp_path: Path, monkeypatch: pyt
     def boom(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(slots.os, "replace", boom)
+    monkeypatch.setattr(fsutil.os, "replace", boom)  # the shared atomic writer the agent uses
     with pytest.raises(OSError):
         atomic_write(p, b"new")
     assert p.read_bytes() == b"old"

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BundleError
+from .fsutil import write_atomic
 
 FORMAT = "edgectl-bundle"
 FORMAT_VERSION = 1
@@ -81,12 +82,7 @@ def _write_entries(path: str | Path, head: bytes, files: dict[str, bytes], signa
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, data)
     data = buf.getvalue()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-    tmp.replace(path)
+    write_atomic(path, data)
     return sha256_bytes(data)
 
 
