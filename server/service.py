@@ -209,11 +209,11 @@ class Service:
 
     def _serve_fetch(self, device_id: str, msg: messages.Fetch) -> None:
         desired = self.store.desired(device_id)
-        if desired is None or desired[1]["sha256"] != msg.artifact:
+        if desired is None or desired.artifact != msg.artifact:
             raise Rejected("not_desired", f"{device_id} asked for artifact {msg.artifact[:12]}…, "
                                           "which is not its desired artifact")
-        _, art, chunk_size = desired
-        count = chunk_count(art["size"], chunk_size)
+        chunk_size = desired.chunk_size
+        count = chunk_count(desired.size, chunk_size)
         bad = sorted(i for i in set(msg.indexes) if i >= count)
         if bad:
             raise Rejected("bad_index", f"{device_id} asked for chunks {bad[:5]} of "
@@ -267,22 +267,23 @@ class Service:
 
     def create_deployment(self, artifact: str, selector: str) -> dict[str, Any]:
         dep = self.store.create_deployment(artifact, selector, self.config.chunk_size, self.clock())
-        art = self.store.artifact(artifact)
-        desired = messages.Desired(dep["id"], artifact, art["size"], self.config.chunk_size,
-                                   art["name"], art["version"]).encode()
-        for device_id in dep["targets"]:
-            self.publisher.publish(topics.desired(device_id), desired, qos=1, retain=True)
-        log.info("deployment %s: %s %s to %s", dep["id"], art["name"], art["version"],
+        self.publish_desired(dep["targets"])
+        log.info("deployment %s: %s %s to %s", dep["id"], dep["name"], dep["version"],
                  ", ".join(dep["targets"]))
         return dep
+
+    def publish_desired(self, device_ids: list[str]) -> None:
+        """Publish (retained) the stored desired state of these devices."""
+        for device_id in device_ids:
+            desired = self.store.desired(device_id)
+            if desired is not None:
+                self.publisher.publish(topics.desired(device_id), desired.encode(), qos=1, retain=True)
 
     def republish_desired(self) -> int:
         """Publish every device's desired state again (after a reconnect to the broker)."""
         rows = self.store.all_desired()
-        for device_id, dep_id, art, chunk_size in rows:
-            payload = messages.Desired(dep_id, art["sha256"], art["size"], chunk_size,
-                                       art["name"], art["version"]).encode()
-            self.publisher.publish(topics.desired(device_id), payload, qos=1, retain=True)
+        for device_id, desired in rows:
+            self.publisher.publish(topics.desired(device_id), desired.encode(), qos=1, retain=True)
         return len(rows)
 
     def deployments(self) -> list[dict[str, Any]]:

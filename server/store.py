@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -149,6 +149,15 @@ class DeploymentTarget(Base):
     state: Mapped[str] = mapped_column(String(32), default=PENDING)
     detail: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: The device's role (``messages.Desired`` fields): model file, shared service and stage.
+    file: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    service: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    stage: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    stages: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+#: The columns of DeploymentTarget that ``create_deployment(roles=...)`` may set per device.
+ROLE_FIELDS = ("file", "service", "stage", "stages")
 
 
 class ConnectionSession(Base):
@@ -791,14 +800,21 @@ class Store:
         return ids
 
     def create_deployment(self, artifact: str, selector: str, chunk_size: int,
-                          now: datetime | None = None) -> dict[str, Any]:
-        """Record a deployment for the selected devices, superseding older ones for them."""
+                          now: datetime | None = None, *,
+                          roles: Callable[[list[str]], Mapping[str, Mapping[str, Any]]] | None = None
+                          ) -> dict[str, Any]:
+        """Record a deployment for the selected devices, superseding older ones for them.
+
+        ``roles`` maps the resolved target ids to each device's role (``ROLE_FIELDS``: model file,
+        service, stage, stages); it may raise DeployError (e.g. too few devices for a pipeline).
+        """
         now = now or self.clock()
         sel = parse_selector(selector)
         with self._session() as s, s.begin():
             if s.get(Artifact, artifact) is None:
                 raise NotFound(f"artifact {artifact[:80]!r} is unknown; upload it first")
             targets = self._resolve(s, sel, selector)
+            role = roles(targets) if roles is not None else {}
             dep = Deployment(id=new_deployment_id(), artifact=artifact, selector=selector.strip(),
                              chunk_size=chunk_size, created_at=now)
             s.add(dep)
@@ -809,8 +825,9 @@ class Store:
             for t in older:
                 t.state, t.detail, t.updated_at = SUPERSEDED, f"superseded by {dep.id}", now
             for device_id in targets:
+                extra = {k: v for k, v in role.get(device_id, {}).items() if k in ROLE_FIELDS}
                 s.add(DeploymentTarget(deployment_id=dep.id, device_id=device_id, state=PENDING,
-                                       detail="", updated_at=now))
+                                       detail="", updated_at=now, **extra))
                 s.get(Device, device_id).deployment_id = dep.id  # type: ignore[union-attr]
             s.flush()
             return self._deployment_dict(s, dep)
@@ -824,7 +841,8 @@ class Store:
             "version": art.version if art else None, "selector": dep.selector,
             "targets": [t.device_id for t in rows], "created_at": iso(dep.created_at),
             "devices": [{"device_id": t.device_id, "state": t.state, "detail": t.detail,
-                         "updated_at": iso(t.updated_at)} for t in rows],
+                         "updated_at": iso(t.updated_at),
+                         **{k: getattr(t, k) for k in ROLE_FIELDS if getattr(t, k)}} for t in rows],
         }
 
     def deployments(self) -> list[dict[str, Any]]:
@@ -839,23 +857,31 @@ class Store:
                 raise NotFound(f"deployment {deployment_id[:80]!r} is unknown")
             return self._deployment_dict(s, dep)
 
-    def desired(self, device_id: str) -> tuple[str, dict[str, Any], int] | None:
-        """(deployment id, artifact dict, chunk size) a device should run, or None."""
+    @staticmethod
+    def _desired_msg(dep: Deployment, art: Artifact, target: DeploymentTarget | None) -> messages.Desired:
+        roles = {k: getattr(target, k) for k in ROLE_FIELDS} if target is not None else {}
+        return messages.Desired(dep.id, art.sha256, art.size, dep.chunk_size, art.name, art.version, **roles)
+
+    def desired(self, device_id: str) -> messages.Desired | None:
+        """The desired state a device should run (its current deployment and role), or None."""
         with self._session() as s:
             dev = s.get(Device, device_id)
             if dev is None or dev.deployment_id is None:
                 return None
             dep = s.get(Deployment, dev.deployment_id)
             art = s.get(Artifact, dep.artifact)  # type: ignore[union-attr]
-            return dep.id, self._artifact_dict(art), dep.chunk_size  # type: ignore[union-attr,arg-type]
+            target = s.get(DeploymentTarget, (dev.deployment_id, device_id))
+            return self._desired_msg(dep, art, target)  # type: ignore[arg-type]
 
-    def all_desired(self) -> list[tuple[str, str, dict[str, Any], int]]:
-        """(device id, deployment id, artifact dict, chunk size) for every targeted device."""
+    def all_desired(self) -> list[tuple[str, messages.Desired]]:
+        """(device id, desired state) for every targeted device."""
         with self._session() as s:
-            rows = s.execute(select(Device.id, Deployment, Artifact)
+            rows = s.execute(select(Device.id, Deployment, Artifact, DeploymentTarget)
                              .join(Deployment, Device.deployment_id == Deployment.id)
-                             .join(Artifact, Deployment.artifact == Artifact.sha256)).all()
-            return [(d, dep.id, self._artifact_dict(a), dep.chunk_size) for d, dep, a in rows]
+                             .join(Artifact, Deployment.artifact == Artifact.sha256)
+                             .outerjoin(DeploymentTarget, (DeploymentTarget.deployment_id == Deployment.id)
+                                        & (DeploymentTarget.device_id == Device.id))).all()
+            return [(d, self._desired_msg(dep, a, t)) for d, dep, a, t in rows]
 
     # -- health --------------------------------------------------------------------------------
 

@@ -72,6 +72,25 @@ def test_valid_messages_decode_and_round_trip() -> None:
     assert messages.decode("status", s.encode()) == s
     d = messages.Desired("d-1", "b" * 64, size=100_000, chunk_size=65536, name="m", version="2")
     assert messages.decode("desired", d.encode()).chunk_count == 2
+    staged = messages.Desired("d-1", "b" * 64, 100, 1024, "m", "2", file="stage-02.tflite", service="svc",
+                              stage=2, stages=3)
+    assert messages.decode("desired", staged.encode()) == staged
+    assert topics.service_infer("svc", 2) == "edgectl/v1/services/svc/stages/2/infer"
+    assert topics.service_group("svc", 2) == "$share/svc-s2/edgectl/v1/services/svc/stages/2/infer"
+
+
+@pytest.mark.parametrize(("over", "message"), [
+    ({"file": "../model.tflite"}, "'file' must be a plain file name"),
+    ({"service": "a/#"}, "'service' must be an id"),
+    ({"service": "svc", "stage": 0, "stages": 2}, "'stage'"),
+    ({"service": "svc", "stage": 3, "stages": 2}, "'stage'"),
+    ({"stage": 1, "stages": 1}, "'stage'"),
+])
+def test_desired_roles_are_validated(over: dict[str, object], message: str) -> None:
+    data = {"deployment_id": "d", "artifact": "a" * 64, "size": 10, "chunk_size": 1024, "name": "m",
+            "version": "1", **over}
+    with pytest.raises(ProtocolError, match=message):
+        messages.decode("desired", json.dumps(data).encode())
 
 
 @pytest.mark.parametrize(("payload", "message"), [

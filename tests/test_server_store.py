@@ -165,8 +165,19 @@ def test_deployment_supersedes_older_ones(store: Store) -> None:
     old = {d["device_id"]: d["state"] for d in store.deployment(d1["id"])["devices"]}
     assert old == {"a": "active", "b": "superseded"}  # final states are history, others superseded
     assert store.device("b")["deployment"] == {"id": d2["id"], "state": "pending", "detail": ""}
-    assert store.desired("a") == (d2["id"], store.artifact(other), 1024)
-    assert [d["id"] for d in store.deployments()] == [d1["id"], d2["id"]]
+    art = store.artifact(other)
+    assert store.desired("a") == messages.Desired(d2["id"], other, art["size"], 1024, art["name"], art["version"])
+    assert store.desired("nobody") is None
+
+    # Roles: each target can run its own file of the bundle and serve a stage of a shared service.
+    d3 = store.create_deployment(other, "device:a,b", 1024, at(-55), roles=lambda ids: {
+        d: {"file": f"stage-{i + 1:02d}.tflite", "service": "svc", "stage": i + 1, "stages": 2}
+        for i, d in enumerate(ids)})
+    assert store.desired("b") == messages.Desired(d3["id"], other, art["size"], 1024, art["name"], art["version"],
+                                                  file="stage-02.tflite", service="svc", stage=2, stages=2)
+    assert dict(store.all_desired())["a"].file == "stage-01.tflite"
+    assert d3["devices"][0]["service"] == "svc" and d3["devices"][1]["stage"] == 2
+    assert [d["id"] for d in store.deployments()] == [d1["id"], d2["id"], d3["id"]]
     assert store.report("b", messages.Reported("d-unknown", other, "failed", "x"), at(-50)) is False
 
 

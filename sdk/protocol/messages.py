@@ -164,6 +164,15 @@ class Desired(Message):
     chunk_size: int
     name: str
     version: str
+    #: The model file inside the bundle this device runs: a variant (e.g. ``model-int8.tflite``)
+    #: or a pipeline stage (``stage-02.tflite``); "" means the manifest's ``model.file``.
+    file: str = ""
+    #: Set when the device also serves a shared request topic (see ``topics.service_infer``):
+    #: ``service`` names it, ``stage`` (1-based) of ``stages`` says which pipeline stage this
+    #: device runs. A data-parallel pool is a one-stage service with several replicas.
+    service: str = ""
+    stage: int = 0
+    stages: int = 0
 
     @property
     def chunk_count(self) -> int:
@@ -179,8 +188,18 @@ class Desired(Message):
             chunk_size=r.nonneg_int("chunk_size", maximum=8 * 1024 * 1024),
             name=r.text("name"),  # type: ignore[arg-type]
             version=r.text("version"),  # type: ignore[arg-type]
+            file=r.text("file", optional=True, default="", max_len=128),  # type: ignore[arg-type]
+            service=r.text("service", optional=True, default="", max_len=64),  # type: ignore[arg-type]
+            stage=r.nonneg_int("stage", optional=True, maximum=64),
+            stages=r.nonneg_int("stages", optional=True, maximum=64),
         )
         _check(msg.size > 0, cls.kind, "size", "must be > 0")
+        _check(msg.file == "" or ("/" not in msg.file and not msg.file.startswith(".")), cls.kind, "file",
+               "must be a plain file name")
+        _check(msg.service == "" or valid_id(msg.service), cls.kind, "service", "must be an id")
+        _check((msg.service == "") == (msg.stages == 0) and msg.stage <= msg.stages
+               and (msg.stages == 0 or msg.stage >= 1), cls.kind, "stage",
+               "and stages must be 1 <= stage <= stages when a service is named, 0 otherwise")
         _check(msg.chunk_size >= 1024, cls.kind, "chunk_size", "must be >= 1024")
         return msg
 

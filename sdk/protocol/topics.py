@@ -11,6 +11,8 @@ Scheme (``v1`` is the protocol version)::
     edgectl/v1/devices/{device_id}/chunks      server -> agent  binary chunk frames
     edgectl/v1/devices/{device_id}/infer       client -> agent  .npy request (MQTT v5 response topic)
     edgectl/v1/clients/{client_id}/responses   agent -> client  inference answers
+    edgectl/v1/services/{service}/stages/{k}/infer   client or stage k-1 -> stage k replicas
+                                                     (shared subscription: the broker spreads requests)
 """
 
 from __future__ import annotations
@@ -71,6 +73,18 @@ def device_wildcard(kind: DeviceTopic | str) -> str:
 def shared(filter_: str, group: str = "edgectl") -> str:
     """MQTT v5 shared subscription, so several server replicas split the load."""
     return f"$share/{group}/{filter_}"
+
+
+def service_infer(service: str, stage: int = 1) -> str:
+    """Request topic of stage ``stage`` (1-based) of a service: a replica pool and/or a pipeline."""
+    if not (isinstance(stage, int) and 1 <= stage <= 64):
+        raise ProtocolError(f"invalid stage {stage!r}: must be 1..64")
+    return f"{PREFIX}/services/{check_id(service, 'service name')}/stages/{stage}/infer"
+
+
+def service_group(service: str, stage: int = 1) -> str:
+    """Shared-subscription filter for the replicas of one stage (each request goes to one of them)."""
+    return shared(service_infer(service, stage), group=f"{check_id(service, 'service name')}-s{stage}")
 
 
 def client_responses(client_id: str) -> str:
