@@ -29,6 +29,9 @@ class Event(StrEnum):
     RESTORED = "restored"  # a model was loaded from the data dir at start
     DESIRED = "desired"  # a desired state names an artifact that is not active: download it
     ALREADY_ACTIVE = "already_active"  # a desired state names the active artifact
+    #: a desired state names a bundle already on disk in another role or in the previous slot:
+    #: smoke-test it from there, no download
+    INSTALLED = "installed"
     DOWNLOADED = "downloaded"  # every chunk arrived
     VERIFIED = "verified"  # sha256 and bundle checks passed
     SMOKE_PASSED = "smoke_passed"  # the sample reproduced; the model is now active
@@ -41,14 +44,14 @@ IDLE, DOWNLOADING, VERIFYING, SMOKE_TESTING, ACTIVE, FAILED = State
 # artifact (e.g. a rollback) cancels it. Failure is possible from every working state.
 TRANSITIONS: dict[State, dict[Event, State]] = {
     IDLE: {Event.RESTORED: ACTIVE, Event.DESIRED: DOWNLOADING},
-    DOWNLOADING: {Event.DESIRED: DOWNLOADING, Event.ALREADY_ACTIVE: ACTIVE,
+    DOWNLOADING: {Event.DESIRED: DOWNLOADING, Event.ALREADY_ACTIVE: ACTIVE, Event.INSTALLED: SMOKE_TESTING,
                   Event.DOWNLOADED: VERIFYING, Event.FAILED: FAILED},
-    VERIFYING: {Event.DESIRED: DOWNLOADING, Event.ALREADY_ACTIVE: ACTIVE,
+    VERIFYING: {Event.DESIRED: DOWNLOADING, Event.ALREADY_ACTIVE: ACTIVE, Event.INSTALLED: SMOKE_TESTING,
                 Event.VERIFIED: SMOKE_TESTING, Event.FAILED: FAILED},
-    SMOKE_TESTING: {Event.DESIRED: DOWNLOADING, Event.ALREADY_ACTIVE: ACTIVE,
+    SMOKE_TESTING: {Event.DESIRED: DOWNLOADING, Event.ALREADY_ACTIVE: ACTIVE, Event.INSTALLED: SMOKE_TESTING,
                     Event.SMOKE_PASSED: ACTIVE, Event.FAILED: FAILED},
-    ACTIVE: {Event.DESIRED: DOWNLOADING, Event.ALREADY_ACTIVE: ACTIVE},
-    FAILED: {Event.DESIRED: DOWNLOADING, Event.ALREADY_ACTIVE: ACTIVE},
+    ACTIVE: {Event.DESIRED: DOWNLOADING, Event.ALREADY_ACTIVE: ACTIVE, Event.INSTALLED: SMOKE_TESTING},
+    FAILED: {Event.DESIRED: DOWNLOADING, Event.ALREADY_ACTIVE: ACTIVE, Event.INSTALLED: SMOKE_TESTING},
 }
 
 

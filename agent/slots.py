@@ -39,8 +39,10 @@ def _model_from(data: Any) -> ActiveModel | None:
         return None
     try:
         return ActiveModel(deployment_id=data.get("deployment_id"), artifact=str(data["artifact"]),
-                           name=str(data["name"]), version=str(data["version"]))
-    except KeyError:
+                           name=str(data["name"]), version=str(data["version"]),
+                           file=str(data.get("file") or ""), service=str(data.get("service") or ""),
+                           stage=int(data.get("stage") or 0), stages=int(data.get("stages") or 0))
+    except (KeyError, TypeError, ValueError):
         return None
 
 
@@ -161,6 +163,13 @@ class DataDir:
         self._save({**st, "active_slot": loaded.slot, "active": asdict(loaded.model),
                     "previous_slot": None, "previous": None})
         return loaded
+
+    def retag(self, model: ActiveModel) -> None:
+        """Record a new description (deployment, role) of the model in the active slot."""
+        with self._lock:
+            if self.state["active_slot"] is None:
+                raise OSError("no active slot to retag")
+            self._save({**self.state, "active": asdict(model)})
 
     def activate(self, data: bytes, model: ActiveModel) -> str:
         """Install a verified bundle into the inactive slot and make it the active one.

@@ -27,6 +27,9 @@ EXPECTED = {
     (State.ACTIVE, Event.ALREADY_ACTIVE): State.ACTIVE,
     (State.FAILED, Event.DESIRED): State.DOWNLOADING,
     (State.FAILED, Event.ALREADY_ACTIVE): State.ACTIVE,
+    # A bundle already on disk (new role, previous slot) is smoke-tested again, never re-downloaded.
+    **{(s, Event.INSTALLED): State.SMOKE_TESTING
+       for s in (State.DOWNLOADING, State.VERIFYING, State.SMOKE_TESTING, State.ACTIVE, State.FAILED)},
 }
 
 

@@ -97,6 +97,13 @@ def _need(cond: bool, why: str) -> None:
         raise BundleError(f"manifest: {why}")
 
 
+def _check_sample(sample: Any, files: dict[str, Any], where: str) -> None:
+    _need(isinstance(sample, dict) and sample.get("input") in files and sample.get("output") in files,
+          f"{where}.input and {where}.output must name listed files")
+    _need(isinstance(sample.get("atol"), (int, float)) and isinstance(sample.get("rtol"), (int, float)),
+          f"{where}.atol and {where}.rtol must be numbers")
+
+
 def validate_manifest(m: Any, present: set[str] | None = None) -> None:
     """Check the manifest's structure; with ``present``, that it lists exactly those files."""
     _need(isinstance(m, dict), "must be a JSON object")
@@ -124,11 +131,17 @@ def validate_manifest(m: Any, present: set[str] | None = None) -> None:
             _need(isinstance(s, dict) and isinstance(s.get("shape"), list)
                   and all(isinstance(d, int) for d in s["shape"]) and isinstance(s.get("dtype"), str),
                   f"model.{io_name} entries need shape (ints) and dtype")
-    sample = m["sample"]
-    _need(isinstance(sample, dict) and sample.get("input") in files and sample.get("output") in files,
-          "sample.input and sample.output must name listed files")
-    _need(isinstance(sample.get("atol"), (int, float)) and isinstance(sample.get("rtol"), (int, float)),
-          "sample.atol and sample.rtol must be numbers")
+    _check_sample(m["sample"], files, "sample")
+    extra = m.get("variants", [])
+    _need(isinstance(extra, list), "variants must be a list")
+    pipeline = m.get("pipeline")
+    if pipeline is not None:
+        _need(isinstance(pipeline, dict) and isinstance(pipeline.get("stages"), list) and pipeline["stages"],
+              "pipeline.stages must be a non-empty list")
+        extra = [*extra, *pipeline["stages"]]
+    for i, entry in enumerate(extra):
+        _need(isinstance(entry, dict) and entry.get("file") in files, f"model entry {i} must name a listed file")
+        _check_sample(entry.get("sample"), files, f"{entry['file']}: sample")
     if present is not None:
         listed = set(files)
         _need(listed == present,
@@ -151,10 +164,29 @@ class Bundle:
     def model_bytes(self) -> bytes:
         return self.files[self.manifest["model"]["file"]]
 
-    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+    def model_files(self) -> list[str]:
+        """Every runnable model file: the default, its variants, the pipeline stages."""
+        m = self.manifest
+        entries = [*m.get("variants", []), *(m.get("pipeline") or {}).get("stages", [])]
+        return list(dict.fromkeys([m["model"]["file"], *(e["file"] for e in entries)]))
+
+    def model_entry(self, file: str = "") -> dict[str, Any]:
+        """The description (file, inputs, outputs, sample, ...) of one model file of the bundle:
+        "" is the default model, else a variant or a pipeline stage."""
+        m = self.manifest
+        if not file or file == m["model"]["file"]:
+            return {**m["model"], "sample": m["sample"]}
+        for e in (*m.get("variants", []), *(m.get("pipeline") or {}).get("stages", [])):
+            if e["file"] == file:
+                return e
+        raise BundleError(f"bundle {m['name']} {m['version']} has no model file {file!r} "
+                          f"(it holds {', '.join(self.model_files())})")
+
+    def sample(self, file: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """Smoke-test input and expected output of one model file (default: the main model)."""
         from .frames import npy_to_tensor
 
-        s = self.manifest["sample"]
+        s = self.model_entry(file)["sample"]
         return npy_to_tensor(self.files[s["input"]]), npy_to_tensor(self.files[s["output"]])
 
 

@@ -101,10 +101,16 @@ class Message:
 
 @dataclass(frozen=True)
 class ActiveModel:
+    """What a device runs: the deployment, bundle and its role in it (see :class:`Desired`)."""
+
     deployment_id: str | None
     artifact: str
     name: str
     version: str
+    file: str = ""
+    service: str = ""
+    stage: int = 0
+    stages: int = 0
 
     @classmethod
     def from_reader(cls, r: _Reader) -> ActiveModel:
@@ -113,7 +119,16 @@ class ActiveModel:
             artifact=r.sha("artifact"),  # type: ignore[arg-type]
             name=r.text("name"),  # type: ignore[arg-type]
             version=r.text("version"),  # type: ignore[arg-type]
+            file=r.text("file", optional=True, default="", max_len=128),  # type: ignore[arg-type]
+            service=r.text("service", optional=True, default="", max_len=64),  # type: ignore[arg-type]
+            stage=r.nonneg_int("stage", optional=True, maximum=64),
+            stages=r.nonneg_int("stages", optional=True, maximum=64),
         )
+
+    @classmethod
+    def of(cls, d: Desired) -> ActiveModel:
+        """The model a device runs once it has carried out desired state ``d``."""
+        return cls(d.deployment_id, d.artifact, d.name, d.version, d.file, d.service, d.stage, d.stages)
 
 
 @dataclass(frozen=True)
