@@ -66,10 +66,12 @@ def test_collapse_is_named_with_its_likely_cause() -> None:
     assert diagnose_collapse(ok, ref, calibration_rows=200, calibration_shift=0.0) is None
 
 
-def test_runtime_support_compares_the_models_minimum_version() -> None:
+def test_runtime_support_compares_op_versions_with_the_measured_runtime_limits() -> None:
     dyn = {"ops": [{"op": "FULLY_CONNECTED", "version": 12}], "custom_ops": [], "min_runtime_version": "2.17.0"}
     ok, why = runtime_support(dyn, "tflite-runtime", host_loaded=True)
-    assert not ok and "2.17.0" in why and "FULLY_CONNECTED" in why and "2.14.0" in why
-    assert runtime_support({**dyn, "min_runtime_version": "1.14.0"}, "tflite-runtime", host_loaded=True)[0]
+    assert not ok and "FULLY_CONNECTED version 12 (max in tflite-runtime 2.14.0: 10)" in why and "2.17.0" in why
+    old_fc = {**dyn, "ops": [{"op": "FULLY_CONNECTED", "version": 9}], "min_runtime_version": "2.3.0"}
+    ok, why = runtime_support(old_fc, "tflite-runtime", host_loaded=True)
+    assert ok and "2.14.0" in why
     assert runtime_support(dyn, "ai-edge-litert", host_loaded=True)[0]
     assert not runtime_support(dyn, "ai-edge-litert", host_loaded=False)[0]

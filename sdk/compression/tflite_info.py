@@ -1,23 +1,19 @@
-"""What a ``.tflite`` model asks of the runtime that loads it.
+"""What a ``.tflite`` model asks of the runtime that loads it, and how it computes.
 
-The TFLite converter records, per model, every operator code with its version, and a
-``min_runtime_version`` metadata entry computed from its own table of "op version → first runtime
-release that implements it" (``tensorflow/lite/tools/versioning/runtime_version.cc``). A device
-runtime older than that number refuses the model (``Didn't find op for builtin opcode
-'FULLY_CONNECTED' version '12'``), so compressing for such a device must not pick it.
+The op table comes from :mod:`sdk.protocol.opset` (the one reader of it, shared with the agent
+side and ``edgectl devices fit``); whether an older runtime loads the model is decided there too,
+from the per-op limits measured into ``devices/runtimes.toml``. A runtime older than the model's
+ops refuses it (``Didn't find op for builtin opcode 'FULLY_CONNECTED' version '12'``), so
+compressing for such a device must not pick it. The converter's own ``min_runtime_version``
+metadata is reported alongside, as the converter's claim.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from ..protocol import CompressionError
-
-#: The newest release of each device runtime edgectl knows how to target. tflite-runtime's last
-#: release is 2.14.0 (2023); ai-edge-litert and full TensorFlow track the converter we run, and
-#: are additionally checked by really loading the model on the host (LiteRT is installed here).
-RUNTIME_VERSIONS = {"tflite-runtime": "2.14.0"}
+from ..protocol import BundleError, CompressionError
+from ..protocol.opset import op_codes, runtime_limits, unsupported_ops
 
 _INTEGER_TYPES = {"INT8", "UINT8", "INT16", "INT32", "INT64"}
 
@@ -28,10 +24,6 @@ def _schema() -> Any:
     except ImportError:  # pragma: no cover - ai-edge-litert is a dependency of edgectl[sdk]
         from tensorflow.lite.python import schema_py_generated as schema
     return schema
-
-
-def version_tuple(v: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", v)[:3])
 
 
 def is_tflite(data: bytes) -> bool:
@@ -59,13 +51,13 @@ def inspect_tflite(data: bytes) -> dict[str, Any]:
         model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
     except Exception as exc:  # flatbuffers raises assorted errors on a truncated buffer
         raise CompressionError(f"not a readable TFLite model: {type(exc).__name__}: {exc}") from None
-    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
-    codes = []
-    for oc in model.operatorCodes or []:
-        code = max(oc.builtinCode, oc.deprecatedBuiltinCode)
-        name = oc.customCode.decode() if oc.customCode else op_names.get(code, f"BUILTIN_{code}")
-        codes.append({"op": name, "version": int(oc.version), "custom": bool(oc.customCode)})
+    try:
+        table = op_codes(data)
+    except BundleError as exc:
+        raise CompressionError(str(exc)) from None
+    codes = [{"op": name.removeprefix("CUSTOM:"), "version": version, "custom": name.startswith("CUSTOM:")}
+             for name, version in table]
     metadata: dict[str, str] = {}
     for md in model.metadata or []:
         buf = model.buffers[md.buffer].data if md.buffer < len(model.buffers or []) else None
@@ -97,19 +89,14 @@ def runtime_support(info: dict[str, Any], runtime: str, *, host_loaded: bool) ->
     """Can ``runtime`` (a profile's runtime name) load a model with this ``info``? (ok, why)."""
     if info["custom_ops"]:
         return False, f"custom ops {', '.join(info['custom_ops'])} need a runtime built with them"
-    if runtime in RUNTIME_VERSIONS:
-        have = RUNTIME_VERSIONS[runtime]
+    entry = runtime_limits().get(runtime)
+    if entry:
         need = info.get("min_runtime_version")
-        if need is None:
-            return False, (f"the model records no min_runtime_version, so {runtime} {have} support "
-                           "cannot be established")
-        if version_tuple(need) > version_tuple(have):
-            newest = max(info["ops"], key=lambda o: o["version"])
-            listed = ", ".join(f"{o['op']} v{o['version']}" for o in info["ops"] if o["version"] > 1)
-            return False, (f"needs TFLite runtime >= {need} (ops {listed}); {runtime} stops at {have} and "
-                           f"fails to load it (\"Didn't find op for builtin opcode '{newest['op']}' "
-                           f"version '{newest['version']}'\")")
-        return True, f"needs TFLite runtime >= {need}; {runtime} {have} has it"
+        claim = f"; the converter says it needs TFLite runtime >= {need}" if need else ""
+        reasons = unsupported_ops({o["op"]: o["version"] for o in info["ops"]}, runtime)
+        if reasons:
+            return False, f"{runtime} {entry['version']} fails to load it: {'; '.join(reasons)}{claim}"
+        return True, f"every op is within what {runtime} {entry['version']} registers (devices/runtimes.toml){claim}"
     if not host_loaded:
         return False, f"the host's LiteRT could not load it, so {runtime} cannot be assumed to"
     return True, f"loaded and run by the host's {runtime} build (same converter generation)"

@@ -75,24 +75,32 @@ def op_name(code: int) -> str:
     return _op_names().get(code, f"BUILTIN_{code}")
 
 
-def model_ops(model: bytes) -> dict[str, int]:
-    """``{op name: highest version used}``; custom ops appear as ``CUSTOM:<name>``."""
+def op_codes(model: bytes) -> list[tuple[str, int]]:
+    """The model's operator-code table in order: ``(op name, version)``; operators refer to it by
+    index. Custom ops appear as ``CUSTOM:<name>``."""
     buf = bytes(model)
     try:
         if len(buf) < 8 or buf[4:8] != b"TFL3":
             raise BundleError("not a TFLite model (no TFL3 identifier)")
         root = _Table(buf, struct.unpack_from("<I", buf, 0)[0])
-        ops: dict[str, int] = {}
+        codes = []
         for oc in root.tables(1):  # Model.operator_codes
             deprecated = oc.scalar(0, "b", 0)
             custom = oc.string(1)
             version = oc.scalar(2, "i", 1)
             code = max(deprecated, oc.scalar(3, "i", 0))
-            name = f"CUSTOM:{custom}" if custom is not None and code == 32 else op_name(code)
-            ops[name] = max(ops.get(name, 0), version)
-        return ops
+            codes.append((f"CUSTOM:{custom}" if custom is not None and code == 32 else op_name(code), version))
+        return codes
     except (struct.error, IndexError) as exc:
         raise BundleError(f"not a readable TFLite model: {exc}") from None
+
+
+def model_ops(model: bytes) -> dict[str, int]:
+    """``{op name: highest version used}``; custom ops appear as ``CUSTOM:<name>``."""
+    ops: dict[str, int] = {}
+    for name, version in op_codes(model):
+        ops[name] = max(ops.get(name, 0), version)
+    return ops
 
 
 @cache
