@@ -10,6 +10,9 @@ name the file and the key: a typo in a file nobody watches must not be silently 
     profile = "raspberry-pi-4"
     # username = "pi-kitchen-1"                # MQTT credentials, when the broker asks for them
     # password_file = "/etc/edgectl/password"  # one line; keep it mode 0600
+    # trusted_keys = ["/etc/edgectl/keys"]     # .pub files or directories of them: accept only
+    #                                          # bundles signed by one of these keys
+    # ca_file = "/etc/edgectl/ca.pem"          # with broker = "mqtts://...": the fleet's own CA
     [labels]
     group = "lab"
 """
@@ -25,6 +28,7 @@ KEYS: dict[str, tuple[type, ...]] = {
     "device_id": (str,), "broker": (str,), "data": (str,), "profile": (str,),
     "labels": (dict,), "heartbeat": (int, float), "telemetry_interval": (int, float),
     "threads": (int,), "log_level": (str,), "username": (str,), "password_file": (str,),
+    "trusted_keys": (list, str), "ca_file": (str,),
 }
 
 
@@ -48,6 +52,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
         if not isinstance(value, KEYS[key]) or isinstance(value, bool):
             want = " or ".join(t.__name__ for t in KEYS[key])
             raise ConfigError(f"config file {path}: key {key!r} must be {want}, got {type(value).__name__}")
+    keys = data.get("trusted_keys", [])
+    if not all(isinstance(k, str) and k for k in (keys if isinstance(keys, list) else [keys])):
+        raise ConfigError(f"config file {path}: key 'trusted_keys' must be a path or a list of paths")
     for k, v in data.get("labels", {}).items():
         if not isinstance(v, str):
             raise ConfigError(f"config file {path}: label {k!r} must be a string, got {type(v).__name__}")

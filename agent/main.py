@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -21,6 +22,7 @@ from typing import Any, NoReturn
 from sdk.protocol import topics
 from sdk.protocol.errors import EdgeError, ProtocolError
 from sdk.protocol.messages import Status
+from sdk.protocol.net import uses_tls
 from sdk.protocol.profiles import Profile, get_profile
 
 from .config import ConfigError, load_config
@@ -34,7 +36,8 @@ PROG = "edgectl-agent"
 
 DEFAULTS: dict[str, Any] = {"broker": "mqtt://127.0.0.1:1883", "labels": {}, "profile": "",
                             "heartbeat": 5.0, "telemetry_interval": 5.0, "threads": None,
-                            "log_level": "INFO", "username": None, "password_file": None}
+                            "log_level": "INFO", "username": None, "password_file": None,
+                            "trusted_keys": [], "ca_file": None}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML file with any of the settings below (e.g. /etc/edgectl/agent.toml); flags override it")
     p.add_argument("--device-id", type=_device_id, help="this device's id (e.g. pi-1)")
     p.add_argument("--broker", type=_broker,
-                   help=f"MQTT broker URL, mqtt://HOST[:PORT] (default: {DEFAULTS['broker']})")
+                   help=f"MQTT broker URL, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS) (default: {DEFAULTS['broker']})")
     p.add_argument("--data", help="data directory (state, model slots, downloads)")
     p.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE",
                    help="a label reported in the status, e.g. group=lab (repeatable; replaces the file's labels)")
@@ -97,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seconds between telemetry aggregates (default: {DEFAULTS['telemetry_interval']:g})")
     p.add_argument("--threads", type=_positive(int), metavar="N",
                    help="TFLite interpreter threads (default: the profile's, else 1)")
+    p.add_argument("--ca-file", metavar="FILE",
+                   help="with an mqtts:// broker: the CA certificate to check it against (default: the system's CAs)")
+    p.add_argument("--trusted-key", action="append", metavar="PATH", dest="trusted_keys",
+                   help="accept only bundles signed by this Ed25519 public key (a .pub file, or a "
+                        "directory of them; repeatable; replaces the file's trusted_keys)")
     p.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help=f"(default: {DEFAULTS['log_level']})")
     p.add_argument("--version", action="version", version=f"{PROG} {AGENT_VERSION}")
@@ -133,11 +141,16 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if "log_level" in conf and str(conf["log_level"]).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         _fail(f"{where}log_level must be DEBUG, INFO, WARNING or ERROR")
     s["log_level"] = str(s["log_level"]).upper()
-    for key in ("device_id", "broker", "data", "profile", "heartbeat", "telemetry_interval", "threads", "log_level"):
+    for key in ("device_id", "broker", "data", "profile", "heartbeat", "telemetry_interval", "threads", "log_level",
+                "ca_file"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     if args.label is not None:
         s["labels"] = dict(args.label)
+    if isinstance(s["trusted_keys"], str):
+        s["trusted_keys"] = [s["trusted_keys"]]
+    if args.trusted_keys is not None:
+        s["trusted_keys"] = list(args.trusted_keys)
     for key, flag in (("device_id", "--device-id"), ("data", "--data")):
         if not s.get(key):
             _fail(f"{flag} is required (or `{key}` in the --config file)")
@@ -161,6 +174,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             password = Path(s["password_file"]).read_text().strip()
         except OSError as exc:
             _fail(f"cannot read password_file {s['password_file']}: {exc.strerror or exc}", 1)
+    if s["ca_file"]:
+        if not uses_tls(s["broker"]):
+            _fail(f"ca_file {s['ca_file']} is given but the broker {s['broker']} is not mqtts:// (TLS)")
+        if not os.access(s["ca_file"], os.R_OK):
+            _fail(f"cannot read ca_file {s['ca_file']}")
+    trusted: dict[str, Any] | None = None
+    if s["trusted_keys"]:
+        from sdk.protocol.signing import trusted_keys
+
+        try:
+            trusted = trusted_keys(s["trusted_keys"])
+        except EdgeError as exc:
+            _fail(str(exc))
     threads = s["threads"] or (profile.threads if profile else 1)
     logging.basicConfig(level=s["log_level"], stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -174,11 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     transport = MqttTransport(s["broker"], device_id,
                               will=(topics.status(device_id), Status(state="offline").encode()),
                               keepalive=max(5, min(60, int(s["heartbeat"] * 3))),
-                              username=s["username"], password=password)
+                              username=s["username"], password=password, ca_file=s["ca_file"])
     agent = Agent(device_id, transport, data, labels=s["labels"], profile=profile.name if profile else "",
                   heartbeat_s=s["heartbeat"], telemetry_s=s["telemetry_interval"], threads=threads,
                   runtime=profile.runtime if profile else None,
-                  delegate=profile.delegate if profile else "xnnpack", restarts=restarts)
+                  delegate=profile.delegate if profile else "xnnpack", restarts=restarts,
+                  trusted_keys=trusted)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -190,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("%s %s starting: device %s, broker %s, data %s, profile %s, runtime %s, %d thread(s), "
              "start #%d", PROG, AGENT_VERSION, device_id, s["broker"], s["data"], s["profile"] or "-",
              agent.runtime or "none", threads, restarts + 1)
+    if trusted is not None:
+        log.info("accepting only bundles signed by key id(s) %s", ", ".join(sorted(trusted)))
+    else:
+        log.warning("no --trusted-key configured: unsigned bundles are accepted")
     notifier = SystemdNotifier()
     agent.start()
     notifier.notify("READY=1")

@@ -3,9 +3,20 @@
     edgectl-sim --devices 1000 --broker mqtt://127.0.0.1:1883 --data /tmp/sim --interpreter shared
 
 Each simulated device is the agent's own code (:class:`agent.core.Agent`) with its own paho MQTT
-connection (:class:`agent.transport.MqttTransport`), its own data directory and its own threads:
-it announces itself, takes desired states, downloads and smoke-tests bundles, answers inference
-and publishes heartbeats and telemetry (with health) exactly like ``edgectl-agent``.
+connection (:class:`agent.transport.MqttTransport`) and its own data directory: it announces
+itself, takes desired states, downloads and smoke-tests bundles, answers inference and publishes
+heartbeats and telemetry (with health, through its on-disk spool) exactly like ``edgectl-agent``.
+
+What is shared, so that 1,000 devices fit on two cores: devices are split over worker processes
+(``--per-process``, 250 each), and in each process one network loop
+(:class:`agent.transport.NetLoop`, paho's external-loop API over one selector) serves every
+device's connection and ``--tickers`` threads (default 4) do every device's ticking (heartbeat
+and telemetry when due, the telemetry spool). A device keeps its own deployment and inference
+workers (threads that sleep until a message comes). ``--own-threads`` gives every device all of
+its threads, as ``edgectl-agent`` has (about 5 per device: fine for tens of devices; at 1,000
+the scheduler, not the agents, uses the CPU). Every device fsyncs its telemetry sequence number
+and spool each interval, like a board: at scale put ``--data`` on a RAM disk (``/dev/shm``) unless
+the disk is to be simulated too.
 
 ``--interpreter``:
 
@@ -44,7 +55,7 @@ from .core import Agent, Model
 from .main import _broker, _label, _Parser, _positive
 from .slots import DataDir
 from .telemetry import _cpu_seconds, rss_bytes
-from .transport import MqttTransport
+from .transport import MqttTransport, NetLoop
 
 log = logging.getLogger("edgectl.sim")
 PROG = "edgectl-sim"
@@ -92,9 +103,15 @@ class Fleet:
     def __init__(self, n: int, broker: str, data: Path, *, prefix: str = "sim", labels: dict[str, str] | None = None,
                  profile: Profile | None = None, interpreter: str = "real", latency_ms: float = 0.0,
                  jitter_ms: float = 0.0, error_rate: float = 0.0, heartbeat_s: float = 5.0,
-                 telemetry_s: float = 5.0, seed: int = 0, start_index: int = 0, total: int | None = None):
+                 telemetry_s: float = 5.0, seed: int = 0, start_index: int = 0, total: int | None = None,
+                 own_threads: bool = False, tickers: int = 4):
         self.agents: list[Agent] = []
         self.transports: list[MqttTransport] = []
+        #: Shared (default): one network loop and ``tickers`` ticker threads for all devices of
+        #: this process; own_threads: every device has paho's thread, a ticker and a spooler.
+        self.own_threads = own_threads
+        self.loop = None if own_threads else NetLoop()
+        self.ticker = None if own_threads else Ticker(tickers)
         threads = profile.threads if profile else 1
         runtime = profile.runtime if profile else None
         delegate = profile.delegate if profile else "xnnpack"
@@ -113,7 +130,7 @@ class Fleet:
 
             transport = MqttTransport(broker, device_id,
                                       will=(topics.status(device_id), Status(state="offline").encode()),
-                                      keepalive=max(5, min(60, int(heartbeat_s * 3))))
+                                      keepalive=max(5, min(60, int(heartbeat_s * 3))), loop=self.loop)
             dd = DataDir(data / device_id)
             agent = Agent(device_id, transport, dd, labels={**(labels or {}), "sim": "true"},
                           profile=profile.name if profile else "", heartbeat_s=heartbeat_s,
@@ -127,9 +144,14 @@ class Fleet:
             self.transports.append(transport)
 
     def start(self, rate: float = 200.0) -> None:
-        """Connect every device, at most ``rate`` new connections per second."""
+        """Connect every device, at most ``rate`` new connections per second (which also spreads
+        their heartbeats and telemetry over the interval instead of sending them all at once)."""
+        if self.ticker is not None:
+            self.ticker.start()
         for i, agent in enumerate(self.agents):
-            agent.start()
+            agent.start(ticker=self.own_threads, spooler=self.own_threads)
+            if self.ticker is not None:
+                self.ticker.add(agent)
             if rate > 0 and i % max(1, int(rate / 10)) == 0:
                 time.sleep(0.1)
 
@@ -138,11 +160,58 @@ class Fleet:
 
     def stop(self) -> None:
         """Stop every device at once (each publishes its retained offline status)."""
+        if self.ticker is not None:
+            self.ticker.stop()
         threads = [threading.Thread(target=a.stop, kwargs={"timeout": 5.0}, daemon=True) for a in self.agents]
         for t in threads:
             t.start()
         for t in threads:
             t.join(10)
+        if self.loop is not None:
+            self.loop.stop()
+
+
+class Ticker:
+    """A few threads that tick many agents (``Agent.tick_once`` and the telemetry spool's
+    ``pump``) every ``period`` s, instead of a ticker and a spooler thread per agent. Several,
+    not one: a tick may wait for the disk (the agent fsyncs its sequence number and spools the
+    telemetry before sending it), and one slow disk must not hold back every device."""
+
+    def __init__(self, threads: int = 4, period: float = 0.5):
+        self.period = period
+        self._agents: list[Agent] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i, max(1, threads)), daemon=True,
+                                          name=f"edgectl-sim-ticker-{i}") for i in range(max(1, threads))]
+        self.late = 0  # rounds that took longer than the period
+
+    def add(self, agent: Agent) -> None:
+        self._agents.append(agent)
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            if t.is_alive():
+                t.join(10)
+
+    def _run(self, index: int, of: int) -> None:
+        due = time.monotonic() + self.period * index / of  # the threads' rounds are spread out too
+        while not self._stop.wait(max(0.0, due - time.monotonic())):
+            for agent in self._agents[index::of]:
+                agent.tick_once()
+                try:
+                    agent.spool.pump()
+                except Exception:
+                    log.exception("telemetry spool of %s failed", agent.device_id)
+            due += self.period
+            now = time.monotonic()
+            if due < now:  # behind: skip the missed rounds rather than run them back to back
+                self.late += 1
+                due = now + self.period
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=0.0, help="stop after S seconds (default: run until SIGTERM)")
     p.add_argument("--report-every", type=float, default=5.0, metavar="S")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--own-threads", action="store_true",
+                   help="every device runs its own network, ticker and spool threads (as edgectl-agent) "
+                        "instead of sharing a network loop and --tickers per process")
+    p.add_argument("--tickers", type=_positive(int), default=4, metavar="N",
+                   help="ticker threads per worker process (default: %(default)s)")
     p.add_argument("--per-process", type=_positive(int), default=PER_PROCESS, metavar="N",
                    help="devices per worker process (default: %(default)s; paho's select() loop caps one "
                         "process at ~340 connections)")
@@ -257,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       profile=profile, interpreter=args.interpreter, latency_ms=args.latency_ms,
                       jitter_ms=args.jitter_ms, error_rate=args.error_rate, heartbeat_s=args.heartbeat,
                       telemetry_s=args.telemetry_interval, seed=args.seed, start_index=args.start_index,
-                      total=args.total or args.devices)
+                      total=args.total or args.devices, own_threads=args.own_threads, tickers=args.tickers)
     except OSError as exc:
         print(f"{PROG}: error: cannot create the devices' data dirs under {args.data}: {exc.strerror or exc}",
               file=sys.stderr)

@@ -6,6 +6,8 @@ Layout::
     DIR/slots/a/bundle.zip     one verified bundle per slot
     DIR/slots/b/bundle.zip
     DIR/downloads/<sha>.part   an artifact being downloaded (preallocated, written by offset)
+    DIR/downloads/<sha>.progress.json   which of its chunks are on disk (agent.resume)
+    DIR/outbox/<seq>.msg       telemetry not yet acknowledged by the broker (agent.outbox)
 
 Every write is atomic (temp file, fsync, ``os.replace``, fsync of the directory). Activation
 first marks the slot it is about to overwrite as unusable, then writes the new bundle into it,
@@ -27,6 +29,9 @@ from sdk.protocol.bundle import Bundle, read_bundle
 from sdk.protocol.errors import BundleError
 from sdk.protocol.fsutil import write_atomic as atomic_write
 from sdk.protocol.messages import ActiveModel
+
+from . import resume
+from .faults import crash_point
 
 log = logging.getLogger("edgectl.agent.slots")
 
@@ -121,12 +126,41 @@ class DataDir:
     def part_path(self, artifact: str) -> Path:
         return self.downloads / f"{artifact}.part"
 
-    def clean_downloads(self) -> None:
-        """Remove partial downloads left by a previous run (they are re-fetched)."""
-        for p in self.downloads.glob("*.part*"):
-            log.info("removing stale partial download %s", p)
+    def clean_downloads(self) -> list[resume.Progress]:
+        """At start: remove what a killed run left behind (temp files of atomic writes, partial
+        downloads without usable progress) and return the resumable downloads that are kept."""
+        for d in (self.root, self.downloads, *(self.slots_dir / s for s in SLOTS)):
+            for tmp in d.glob("*.tmp"):
+                log.info("removing the temp file %s of an interrupted write", tmp)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+        kept: list[resume.Progress] = []
+        for p in sorted(self.downloads.glob("*.part")):
+            progress = resume.load(p)
+            if progress is not None and p.name == f"{progress.artifact}.part":
+                kept.append(progress)
+                continue
+            log.info("removing stale partial download %s (no usable progress)", p)
+            self.discard_download(p.name.removesuffix(".part"))
+        for side in self.downloads.glob(f"*{resume.SUFFIX}"):
+            if not self.part_path(side.name.removesuffix(resume.SUFFIX)).exists():
+                with contextlib.suppress(OSError):
+                    side.unlink()
+        return kept
+
+    def discard_download(self, artifact: str) -> None:
+        """Remove one partial download and its progress."""
+        part = self.part_path(artifact)
+        for p in (part, resume.sidecar(part)):
             with contextlib.suppress(OSError):
                 p.unlink()
+
+    def discard_other_downloads(self, artifact: str) -> None:
+        """Keep at most one partial download: the one of ``artifact``."""
+        for p in self.downloads.glob("*.part"):
+            if p.name != f"{artifact}.part":
+                log.info("removing the partial download %s: another artifact is wanted now", p.name)
+                self.discard_download(p.name.removesuffix(".part"))
 
     def _load_slot(self, slot: str | None, meta: Any) -> Loaded:
         if slot is None:
@@ -164,6 +198,33 @@ class DataDir:
                     "previous_slot": None, "previous": None})
         return loaded
 
+    def previous(self, artifact: str) -> Loaded | None:
+        """The previous slot's verified bundle when it is ``artifact`` (what a rollback returns
+        to), else None; an unusable previous slot is logged and gives None too."""
+        with self._lock:
+            st = self.state
+            meta = _model_from(st["previous"])
+            if st["previous_slot"] is None or meta is None or meta.artifact != artifact:
+                return None
+            try:
+                return self._load_slot(st["previous_slot"], st["previous"])
+            except BundleError as exc:
+                log.warning("previous slot %s is unusable (%s)", st["previous_slot"], exc)
+                return None
+
+    def reactivate_previous(self, model: ActiveModel) -> str:
+        """Make the previous slot active again, described by ``model`` (a rollback without
+        download); the slot that was active becomes the previous one, so a roll-forward needs
+        no download either. One atomic state write; returns the slot now active."""
+        with self._lock:
+            st = self.state
+            slot = st["previous_slot"]
+            if slot is None:
+                raise OSError(f"no previous slot to return to in {self.state_path}")
+            self._save({**st, "active_slot": slot, "active": asdict(model),
+                        "previous_slot": st["active_slot"], "previous": st["active"]})
+            return slot
+
     def retag(self, model: ActiveModel) -> None:
         """Record a new description (deployment, role) of the model in the active slot."""
         with self._lock:
@@ -186,7 +247,9 @@ class DataDir:
         if st["previous_slot"] == slot:
             # That slot is about to be overwritten: it is no longer a valid fallback.
             self._save({**st, "previous_slot": None, "previous": None})
+            crash_point("swap.slot_invalidated")
         atomic_write(self.slot_path(slot), data)
+        crash_point("swap.slot_written")
         self._save({**self.state, "active_slot": slot, "active": asdict(model),
                     "previous_slot": old, "previous": self.state["active"] if old else None})
         return slot

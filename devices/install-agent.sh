@@ -3,6 +3,11 @@
 #
 #   sudo sh install-agent.sh --device-id pi-kitchen-1 --broker mqtt://fleet-host.local:1883 \
 #        [--profile raspberry-pi-4] [--group lab] [--runtime litert|tflite] [--from PIP_SPEC]
+#        [--trusted-key edgectl-signing.pub] [--password-file pi-kitchen-1.password]
+#
+# --trusted-key: install only bundles signed with this key (copied to /etc/edgectl/keys/);
+# --password-file: the broker password from `edgectl devices enroll` (copied to
+# /etc/edgectl/password, mode 0600; the username is the device id).
 #
 # Creates /opt/edgectl (a venv with edgectl[agent] or edgectl[agent-tflite]: numpy, paho-mqtt and
 # one TFLite runtime), writes /etc/edgectl/agent.toml (kept if it exists), installs the systemd
@@ -10,6 +15,7 @@
 set -eu
 
 DEVICE_ID=""; BROKER=""; PROFILE="raspberry-pi-4"; GROUP="default"; RUNTIME="litert"; FROM="edgectl"
+TRUSTED_KEY=""; PASSWORD_FILE=""
 PREFIX=/opt/edgectl; CONF_DIR=/etc/edgectl; UNIT_DIR=/etc/systemd/system
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -19,6 +25,8 @@ while [ $# -gt 0 ]; do
         --group) GROUP="$2"; shift 2 ;;
         --runtime) RUNTIME="$2"; shift 2 ;;
         --from) FROM="$2"; shift 2 ;;
+        --trusted-key) TRUSTED_KEY="$2"; shift 2 ;;
+        --password-file) PASSWORD_FILE="$2"; shift 2 ;;
         *) echo "install-agent.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -34,13 +42,26 @@ command -v python3 >/dev/null || { echo "install-agent.sh: python3 (>= 3.11) is 
 python3 -m venv "$PREFIX"
 "$PREFIX/bin/pip" install --quiet --upgrade "$FROM[$EXTRA]"
 mkdir -p "$CONF_DIR"
+SECURITY=""
+if [ -n "$TRUSTED_KEY" ]; then
+    mkdir -p "$CONF_DIR/keys"
+    cp "$TRUSTED_KEY" "$CONF_DIR/keys/$(basename "$TRUSTED_KEY")"
+    SECURITY="${SECURITY}trusted_keys = [\"$CONF_DIR/keys\"]
+"
+fi
+if [ -n "$PASSWORD_FILE" ]; then
+    install -m 0600 "$PASSWORD_FILE" "$CONF_DIR/password"
+    SECURITY="${SECURITY}username = \"$DEVICE_ID\"
+password_file = \"$CONF_DIR/password\"
+"
+fi
 if [ ! -f "$CONF_DIR/agent.toml" ]; then
     cat > "$CONF_DIR/agent.toml" <<CONF
 device_id = "$DEVICE_ID"
 broker = "$BROKER"
 data = "/var/lib/edgectl"
 profile = "$PROFILE"
-
+${SECURITY}
 [labels]
 group = "$GROUP"
 CONF

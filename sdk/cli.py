@@ -34,6 +34,10 @@ err = Console(stderr=True, soft_wrap=True)
 
 ServerOpt = Annotated[str | None, typer.Option("--server", help="edgectl-server URL [env EDGECTL_SERVER, default http://127.0.0.1:8765]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="EDGECTL_TOKEN", show_envvar=False,
+                                              help="API token [env EDGECTL_TOKEN, or token_file in ~/.config/edgectl/config.toml]")]
+SignOpt = Annotated[Path | None, typer.Option("--sign", metavar="KEY",
+                                              help="Sign the bundle with this Ed25519 private key (edgectl keys generate).")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -70,20 +74,25 @@ def compress(
     auto: Annotated[bool, typer.Option("--auto", help="Try every variant; ship the smallest within --max-accuracy-drop.")] = False,
     max_accuracy_drop: Annotated[float, typer.Option(help="Accuracy budget for --auto, in points (1.0 = one percentage point).")] = 1.0,
     target: Annotated[str | None, typer.Option(help="Device profile (devices/profiles) constraining the choice.")] = None,
+    variants: Annotated[str | None, typer.Option(help="One bundle holding several quantizations, e.g. float16,int8 (the first is the default); the server gives each device the one its profile prefers.")] = None,
     sample: Annotated[Path | None, typer.Option(help=".npy input used as the bundle's smoke test.")] = None,
     name: Annotated[str | None, typer.Option(help="Model name (default: file name).")] = None,
     version: Annotated[str | None, typer.Option(help="Model version (default: UTC timestamp).")] = None,
     threads: Annotated[int, typer.Option(help="Interpreter threads for latency measurement.")] = 1,
+    sign: SignOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert MODEL to TFLite (pruned/quantized), measure it before and after, and write a bundle."""
     from .compress import compress as run
 
     try:
+        if variants and quantize:
+            raise EdgeError("--variants names the quantizations (the first is the default): drop --quantize")
         result = run(model, output, quantize=quantize, calibration=calibration, eval_data=eval_data,
                      sample=sample, name=name, version=version, threads=threads, float_io=float_io,
                      prune=prune, train=train, prune_epochs=prune_epochs, auto=auto,
-                     max_accuracy_drop=max_accuracy_drop, target=target)
+                     max_accuracy_drop=max_accuracy_drop, target=target, sign=sign,
+                     variant_modes=[v.strip() for v in variants.split(",") if v.strip()] if variants else None)
     except EdgeError as exc:
         fail(str(exc))
     if as_json:
@@ -133,7 +142,8 @@ def print_compress_report(report: dict[str, Any]) -> None:
         out.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
     b = report["bundle"]
     out.print(f"bundle {b['path']}  sha256 {b['sha256'][:16]}…  {b['size_bytes']:,} B  "
-              f"(host runtime {report['host_runtime']}, {report['threads']} thread(s))", highlight=False)
+              f"(host runtime {report['host_runtime']}, {report['threads']} thread(s))"
+              f"{', signed' if b.get('signed') else ''}", highlight=False)
 
 
 @app.command()
@@ -192,23 +202,31 @@ def partition(
     output: Annotated[Path, typer.Option("-o", "--output", help="Bundle file to write.")],
     stages: Annotated[int, typer.Option(help="Number of pipeline stages.")] = 2,
     devices: Annotated[str | None, typer.Option(help="Device profiles in stage order, comma-separated.")] = None,
-    quantize: Annotated[str, typer.Option(help="none | dynamic | float16 (per stage)")] = "none",
+    quantize: Annotated[str, typer.Option(help="none | dynamic | float16 | int8 (per stage; int8 calibrates each stage)")] = "none",
+    calibration: Annotated[Path | None, typer.Option(help=".npz with array x (or a dir of .npy): int8 calibration.")] = None,
+    eval_data: Annotated[Path | None, typer.Option("--eval", help=".npz with array x: rows on which quantized stages must give the float model's top-1 (default: the calibration set).")] = None,
+    runs: Annotated[int, typer.Option(help="Timing runs per unit and stage.")] = 50,
     name: Annotated[str | None, typer.Option(help="Model name (default: file name).")] = None,
     version: Annotated[str | None, typer.Option(help="Model version (default: UTC timestamp).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Split MODEL into pipeline stages for several devices (minimum-bottleneck cuts)."""
+    from .compress import load_arrays
     from .partition import partition as run
 
     try:
+        cal = load_arrays(calibration, need_y=False, what="calibration")[0] if calibration else None
+        ev = load_arrays(eval_data, need_y=False, what="eval")[0] if eval_data else None
         result = run(model, output, stages=stages, devices=devices.split(",") if devices else None,
-                     quantize=quantize, name=name, version=version)
+                     quantize=quantize, calibration=cal, eval_x=ev, name=name, version=version, runs=max(1, runs))
     except EdgeError as exc:
         fail(str(exc))
     plan = result.plan
     if as_json:
         emit_json(plan.to_dict() | {"bundle": str(result.bundle_path), "sha256": result.bundle_sha256,
-                                    "measured_ms": result.stage_measured_ms, "max_abs_diff": result.max_abs_diff})
+                                    "measured_ms": result.stage_measured_ms, "max_abs_diff": result.max_abs_diff,
+                                    "quantization": quantize, "top1_agreement": result.top1_agreement,
+                                    "eval_rows": result.eval_rows})
         return
     table = Table(title=f"pipeline plan for {model} — bottleneck {plan.bottleneck_ms:.3f} ms (predicted)")
     for col in ("stage", "device", "layers", "params", "compute (pred.)", "transfer (pred.)",
@@ -221,8 +239,10 @@ def partition(
     out.print(table)
     if plan.refused_cuts:
         out.print("refused cuts: " + "; ".join(plan.refused_cuts), highlight=False)
-    out.print(f"bundle {result.bundle_path} sha256 {result.bundle_sha256[:16]}…; stages reproduce the whole model "
-              f"within {result.max_abs_diff:.2g}", highlight=False)
+    agree = (f"; top-1 equals the whole float model's on {result.top1_agreement:.2%} of {result.eval_rows} rows"
+             if result.top1_agreement is not None else "")
+    out.print(f"bundle {result.bundle_path} sha256 {result.bundle_sha256[:16]}…; the {quantize} stages reproduce the whole "
+              f"model within {result.max_abs_diff:.2g}{agree}", highlight=False)
 
 
 @app.command()
@@ -267,38 +287,87 @@ def push(
     bundle: Annotated[Path, typer.Argument(help="Bundle file to ship.")],
     to: Annotated[str, typer.Option("--to", help="all | device:ID[,ID] | group:NAME | label:KEY=VALUE")],
     server: ServerOpt = None,
+    token: TokenOpt = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for every target to report active (0: don't wait).")] = 0.0,
+    sign: SignOpt = None,
+    service: Annotated[str | None, typer.Option(help="Serve it on shared topics under this name (default for a pipeline or --replicas: the bundle's name).")] = None,
+    replicas: Annotated[int | None, typer.Option(help="Devices per stage behind one request topic (data parallel; R x K devices for a K-stage pipeline).")] = None,
+    stage_map: Annotated[str | None, typer.Option("--stage-map", help="Pin stages: DEVICE=STAGE[,DEVICE=STAGE] (default: the server matches planned profiles, heaviest stage on the fastest device).")] = None,
+    canary: Annotated[str | None, typer.Option(help="Rollout: first wave, a device count (1) or a share (10%). [default: 1]")] = None,
+    waves: Annotated[str | None, typer.Option(help="Rollout: following waves, counts or shares (25%,50%); the rest comes last. [default: 50%]")] = None,
+    soak: Annotated[str | None, typer.Option(help="Rollout: how long each wave runs before its gates are judged (30s, 5m). [default: 60s]")] = None,
+    install_timeout: Annotated[str | None, typer.Option(help="Rollout: a device silent this long counts as timed out (offline). [default: 300s]")] = None,
+    gate: Annotated[list[str] | None, typer.Option("--gate", help="Rollout gate NAME=VALUE, repeatable: p95=+20%, p95_floor=0.5ms, errors=5%, error_increase=+2%, availability=90%, accuracy=90%, accuracy_drop=2%, install_failures=0%, min_inferences=20; VALUE off disables.")] = None,
+    all_at_once: Annotated[bool, typer.Option("--all-at-once", help="Rollout: one wave with every device, still soaked and gated.")] = False,
+    latency_slo: Annotated[str | None, typer.Option(help="Rollout of a bundle with variants: the p95 each device class must meet (e.g. 20ms).")] = None,
+    downgrade: Annotated[bool, typer.Option("--downgrade", help="With --latency-slo: move a device class that misses it to the next smaller variant.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Upload BUNDLE to the server and deploy it to the selected devices."""
+    """Upload BUNDLE to the server and deploy it to the selected devices.
+
+    A pipeline bundle (edgectl partition) runs one stage per device; --replicas puts the model (or
+    every stage) on several devices behind one request topic (edgectl infer --service NAME).
+
+    With any rollout option (--canary, --waves, --soak, --gate, --all-at-once) it is a gated
+    rollout: wave by wave, each soaked and judged against the previous model, rolled back by
+    itself when a gate fails (see edgectl rollout show ID). Without, every device gets it at once."""
     from .client import ServerClient
-    from .deploy import push_bundle
+    from .deploy import parse_stage_map, push_bundle
+    from .rollouts import rollout_options
 
     try:
-        with ServerClient(server) as client:
-            result = push_bundle(client, bundle, to, wait_s=wait)
+        pins = parse_stage_map(stage_map)
+        strategy, gates = rollout_options(canary=canary, waves=waves, soak=soak, install_timeout=install_timeout,
+                                          gates=gate, all_at_once=all_at_once, latency_slo=latency_slo,
+                                          downgrade=downgrade)
+        with ServerClient(server, token=token) as client:
+            result = push_bundle(client, bundle, to, wait_s=wait, sign=sign, service=service, replicas=replicas,
+                                 stage_map=pins, strategy=strategy, gates=gates)
     except EdgeError as exc:
         fail(str(exc))
     if as_json:
         emit_json(result)
+    if result.get("rollout"):
+        art, ro = result["artifact"], result["rollout"]
+        if not as_json:
+            out.print(f"uploaded {art['name']} {art['version']} ({art['size']:,} B, sha256 {art['sha256'][:16]}…)",
+                      highlight=False)
+            print_rollout(ro)
+        if result.get("incomplete"):
+            fail(f"rollout {ro['id']} had not ended after {wait:g}s (edgectl rollout show {ro['id']} --watch)", code=3)
+        if wait > 0 and ro["phase"] != "completed":
+            fail(f"rollout {ro['id']} {ro['phase'].replace('_', ' ')}: {ro['reason']}", code=4)
+        return
+    if as_json:
         return
     art, dep = result["artifact"], result["deployment"]
+    svc = result.get("service")
     out.print(f"uploaded {art['name']} {art['version']} ({art['size']:,} B, sha256 {art['sha256'][:16]}…)", highlight=False)
     out.print(f"deployment {dep['id']} → {len(dep['targets'])} device(s): {', '.join(dep['targets'])}", highlight=False)
+    if svc:
+        out.print(f"service {svc['name']}: {svc['stages']} stage(s) × {svc['replicas']} replica(s); requests go to "
+                  f"edgectl infer --service {svc['name']}", highlight=False)
     if "devices" in dep:
         for d in dep["devices"]:
-            out.print(f"  {d['device_id']}: {d['state']}{' — ' + d['detail'] if d.get('detail') else ''}", highlight=False)
+            role = (f" [stage {d['stage']}/{d['stages']}{' ' + d['file'] if d.get('file') else ''}"
+                    f"{': ' + svc['why'][d['device_id']] if svc and d['device_id'] in svc.get('why', {}) else ''}]"
+                    if d.get("service") else "")
+            variant = (dep.get("variants") or {}).get(d["device_id"])
+            if variant and not role:
+                role = f" [variant {variant['quantization']}: {variant['why']}]"
+            out.print(f"  {d['device_id']}: {d['state']}{role}{' — ' + d['detail'] if d.get('detail') else ''}",
+                      highlight=False)
     if result.get("incomplete"):
         fail(f"not every device reached 'active' within {wait:g}s", code=3)
 
 
 @devices_app.command("list")
-def devices_list(server: ServerOpt = None, as_json: JsonOpt = False) -> None:
+def devices_list(server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Every device: online or not, model, deployment state, last seen."""
     from .client import ServerClient
 
     try:
-        with ServerClient(server) as client:
+        with ServerClient(server, token=token) as client:
             devices = client.devices()
     except EdgeError as exc:
         fail(str(exc))
@@ -319,6 +388,63 @@ def devices_list(server: ServerOpt = None, as_json: JsonOpt = False) -> None:
             (d.get("last_seen") or "-")[:19],
         )
     out.print(table)
+
+
+@devices_app.command("enroll")
+def devices_enroll(
+    device_id: Annotated[str, typer.Argument(help="Device id (its broker username).")],
+    out_file: Annotated[Path | None, typer.Option("--out", help="Write the password here (mode 0600) [default: ./ID.password].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out file.")] = False,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create (or rotate) DEVICE_ID's broker credentials; the password is shown once, in a file."""
+    import os
+
+    from .client import ServerClient
+
+    target = out_file or Path(f"{device_id}.password")
+    if target.exists() and not force:
+        fail(f"{target} exists; give another --out or --force")
+    try:
+        with ServerClient(server, token=token) as client:
+            creds = client.enroll(device_id)
+    except EdgeError as exc:
+        fail(str(exc))
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(creds["password"] + "\n")
+        os.chmod(target, 0o600)
+    except OSError as exc:
+        fail(f"cannot write {target}: {exc.strerror or exc} (the new password is lost: enroll again)")
+    if as_json:
+        emit_json(creds | {"password_file": str(target)})
+        return
+    out.print(f"enrolled {device_id}: password written to {target} (mode 0600); "
+              f"{creds['note']}.\nCopy it to the device and add to its /etc/edgectl/agent.toml:\n"
+              f'  username = "{creds["username"]}"\n  password_file = "/etc/edgectl/password"',
+              highlight=False, markup=False)
+
+
+@devices_app.command("revoke")
+def devices_revoke(
+    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Remove DEVICE_ID's broker credentials; the broker disconnects it."""
+    from .client import ServerClient
+
+    try:
+        with ServerClient(server, token=token) as client:
+            res = client.revoke(device_id)
+    except EdgeError as exc:
+        fail(str(exc))
+    out.print(f"revoked {device_id}'s broker credentials"
+              + ("" if res["applied"] else " (copy DATA/broker/passwd to your broker and reload it)"),
+              highlight=False, markup=False)
 
 
 @devices_app.command("fit")
@@ -380,6 +506,7 @@ def fleet_health(
     model: Annotated[str | None, typer.Option(help="Only this model: name, version, name:version or sha256 prefix.")] = None,
     by: Annotated[str, typer.Option(help="device | group | model")] = "device",
     server: ServerOpt = None,
+    token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Availability, stability and performance per device, group or model version."""
@@ -389,7 +516,7 @@ def fleet_health(
         if by not in ("device", "group", "model"):
             raise EdgeError(f"--by {by!r} must be device, group or model")
         window_s = parse_window(window)
-        with ServerClient(server) as client:
+        with ServerClient(server, token=token) as client:
             health = client.health(window_s, group=group, model=model, by=by)
     except EdgeError as exc:
         fail(str(exc))
@@ -417,6 +544,24 @@ def fleet_health(
             table.add_column(col, justify="left" if col in ("group", "model", "version") else "right")
         for r in health.get("rows", []):
             table.add_row(*(str(r.get(k) if r.get(k) is not None else "-") for k in keys), *_health_cells(r))
+    out.print(table)
+    for svc in health.get("services") or []:
+        print_service_stages(svc)
+
+
+def print_service_stages(svc: dict[str, Any]) -> None:
+    """One service's stages (pipeline and/or replicas): mean ms per request and the bottleneck."""
+    k = max((s["stages"] for s in svc["stages"]), default=0)
+    kind = f"{k}-stage pipeline" if k > 1 else "replica pool"
+    bottleneck = f" — bottleneck: stage {svc['bottleneck']}" if k > 1 and svc.get("bottleneck") else ""
+    table = Table(title=f"service {svc['service']} ({kind}){bottleneck} — mean ms per request")
+    for col in ("stage", "replicas", "devices", "requests", "errors", "transfer in", "queued", "compute", "forward", ""):
+        table.add_column(col, justify="left" if col in ("devices", "") else "right")
+    for s in svc["stages"]:
+        table.add_row(f"{s['stage']}/{s['stages']}", str(s["replicas"]), ", ".join(s["devices"]), f"{s['requests']:,}",
+                      f"{s['errors']:,}", *(_fmt(s.get(f), "{:.2f}") for f in ("transfer_ms", "wait_ms", "compute_ms",
+                                                                               "forward_ms")),
+                      "← bottleneck" if s.get("bottleneck") else "")
     out.print(table)
 
 
@@ -446,6 +591,7 @@ def devices_show(
     device_id: Annotated[str, typer.Argument(help="Device id.")],
     window: Annotated[str, typer.Option(help="Health window: 90s, 15m, 24h, 7d.")] = "24h",
     server: ServerOpt = None,
+    token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """One device: health over the window, latest health report, history, sessions, deployments."""
@@ -453,7 +599,7 @@ def devices_show(
 
     try:
         window_s = parse_window(window)
-        with ServerClient(server) as client:
+        with ServerClient(server, token=token) as client:
             d = client.device(device_id, window_s)
     except EdgeError as exc:
         fail(str(exc))
@@ -477,6 +623,12 @@ def devices_show(
         f"accuracy {_fmt(w.get('accuracy'), '{:.2%}')} over {w.get('labelled', 0)} labelled; "
         f"drift PSI {_fmt(w.get('drift_psi'), '{:.3f}')}",
     ]
+    st = w.get("stage")
+    if st:
+        lines.append(f"  stage {st['stage']}/{st['stages']} of service {st['service']}: {st['requests']:,} request(s), "
+                     f"{st['errors']:,} error(s); mean transfer in {_fmt(st.get('transfer_ms'), '{:.2f} ms')}, queued "
+                     f"{_fmt(st.get('wait_ms'), '{:.2f} ms')}, compute {_fmt(st.get('compute_ms'), '{:.2f} ms')}, "
+                     f"forward {_fmt(st.get('forward_ms'), '{:.2f} ms')}")
     if d.get("health"):
         lines.append(f"  health ({(d.get('health_at') or '')[:19]}): "
                      + ", ".join(f"{k}={v}" for k, v in sorted(d["health"].items())))
@@ -507,6 +659,7 @@ def feedback(
     label: Annotated[int | None, typer.Argument(help="The true class of that request.")] = None,
     file: Annotated[Path | None, typer.Option("--file", help="CSV (request_id,label per line) or JSON list of {request_id, label}.")] = None,
     server: ServerOpt = None,
+    token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Send ground-truth labels for inference requests; fleet health joins them to predictions."""
@@ -514,7 +667,7 @@ def feedback(
 
     try:
         labels = _read_labels(request_id, label, file)
-        with ServerClient(server) as client:
+        with ServerClient(server, token=token) as client:
             result = client.feedback(labels)
     except EdgeError as exc:
         fail(str(exc))
@@ -556,40 +709,69 @@ def _read_labels(request_id: str | None, label: int | None, file: Path | None) -
 
 @app.command()
 def infer(
-    device: Annotated[str, typer.Argument(help="Device id.")],
-    input_file: Annotated[Path, typer.Argument(help=".npy tensor to send.")],
+    device: Annotated[str, typer.Argument(help="Device id (with --service: the .npy input).")],
+    input_file: Annotated[Path | None, typer.Argument(help=".npy tensor to send.")] = None,
+    service: Annotated[str | None, typer.Option(help="Ask a service (pipeline or replica pool) instead of one device.")] = None,
+    retries: Annotated[int, typer.Option(help="With --service: send again this many times when no answer comes within --timeout.")] = 2,
     broker: Annotated[str | None, typer.Option(help="Broker URL (default: asked from the server).")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Broker username (e.g. edgectl-operator on a --secure broker).")] = None,
+    password_file: Annotated[Path | None, typer.Option("--password-file", help="File holding the broker password (DATA/broker/operator.password).")] = None,
+    ca_file: Annotated[Path | None, typer.Option("--ca-file", help="With an mqtts:// broker: the CA certificate to check it against.")] = None,
     server: ServerOpt = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 10.0,
+    token: TokenOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer (per attempt with --service).")] = 10.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Send one inference request to DEVICE over MQTT and print the answer."""
+    """Send one inference request to DEVICE (or to --service NAME) over MQTT and print the answer."""
     import numpy as np
 
     from .client import ServerClient
     from .infer import InferenceClient
 
+    if service is not None:
+        if input_file is not None:
+            fail("give either DEVICE INPUT or --service NAME INPUT, not both a device and a service")
+        input_file, who = Path(device), f"service {service}"
+    elif input_file is None:
+        fail("missing INPUT: edgectl infer DEVICE INPUT.npy (or --service NAME INPUT.npy)")
+    else:
+        who = f"device {device}"
     try:
         x = np.load(input_file, allow_pickle=False)
     except (OSError, ValueError) as exc:
         fail(f"cannot read {input_file} as .npy: {exc}")
     try:
         if broker is None:
-            with ServerClient(server) as client:
+            with ServerClient(server, token=token) as client:
                 broker = client.info()["broker_url"]
-        with InferenceClient(broker) as ic:
-            resp = ic.infer(device, x, timeout=timeout)
+        password = None
+        if password_file is not None:
+            try:
+                password = password_file.read_text().strip()
+            except OSError as exc:
+                raise EdgeError(f"cannot read --password-file {password_file}: {exc.strerror or exc}") from None
+        with InferenceClient(broker, username=user, password=password,
+                             ca_file=str(ca_file) if ca_file else None) as ic:
+            if service is not None:
+                resp = ic.infer_service(service, x, timeout=timeout, retries=max(0, retries))
+            else:
+                resp = ic.infer(device, x, timeout=timeout)
     except EdgeError as exc:
         fail(str(exc))
     if not resp.ok:
-        fail(f"device {device} answered with an error: {resp.error}")
+        fail(f"{who} answered with an error: {resp.error}")
     assert resp.output is not None
     if as_json:
-        emit_json({"device": device, "model_version": resp.model_version, "latency_ms": resp.latency_ms,
-                   "output": resp.output.tolist(), "argmax": int(np.argmax(resp.output))})
+        emit_json({("service" if service else "device"): service or device, "model_version": resp.model_version,
+                   "latency_ms": resp.latency_ms, "output": resp.output.tolist(),
+                   "argmax": int(np.argmax(resp.output)), "stages": list(resp.trace)})
         return
-    out.print(f"{device} ({resp.model_version}, {resp.latency_ms:.2f} ms): argmax {int(np.argmax(resp.output))}; "
+    out.print(f"{service or device} ({resp.model_version}, {resp.latency_ms:.2f} ms): argmax {int(np.argmax(resp.output))}; "
               f"output {np.array2string(resp.output, precision=4, threshold=20)}", highlight=False)
+    for t in resp.trace:
+        transfer = f"transfer in {t['transfer_ms']:.2f} ms, " if "transfer_ms" in t else ""
+        out.print(f"  stage {t['stage']} on {t.get('device', '?')}: {transfer}queued {t['wait_ms']:.2f} ms, "
+                  f"compute {t['compute_ms']:.2f} ms", highlight=False)
 
 
 @app.command()
@@ -636,6 +818,176 @@ def keys_sign(
     except EdgeError as exc:
         fail(str(exc))
     typer.echo(f"signed {bundle}: sha256 {sha}")
+
+
+rollout_app = typer.Typer(no_args_is_help=True, help="Gated rollouts: progress, pause/resume/abort, rollback.")
+app.add_typer(rollout_app, name="rollout")
+PHASE_STYLE = {"completed": "green", "rolled_back": "red", "aborted": "yellow", "superseded": "yellow",
+               "paused": "yellow", "installing": "cyan", "soaking": "cyan", "pending": "cyan"}
+
+
+def _phase(phase: str) -> str:
+    return f"[{PHASE_STYLE.get(phase, 'white')}]{phase.replace('_', ' ')}[/]"
+
+
+def rollout_renderables(ro: dict[str, Any]) -> list[Any]:
+    """What `edgectl rollout show` prints: the summary in words, then waves, devices, gates, history."""
+    from rich.text import Text
+
+    parts: list[Any] = [Text.from_markup(
+        f"rollout [b]{ro['id']}[/b] (deployment {ro['deployment_id']}): {ro.get('model') or '?'} "
+        f"{ro.get('version') or ro['artifact'][:12]} — {_phase(ro['phase'])}")]
+    parts += [Text("  " + line) for line in ro.get("summary", [])]
+    waves = Table(title="waves")
+    for col in ("wave", "devices", "status"):
+        waves.add_column(col)
+    for w in ro["waves"]:
+        waves.add_row(w["label"], ", ".join(w["devices"]), _phase(w["status"]) if w["status"] in PHASE_STYLE
+                      else {"passed": "[green]passed[/]", "failed": "[red]failed[/]"}.get(w["status"], w["status"]))
+    devices = Table(title="devices")
+    for col in ("device", "wave", "rollout state", "reported", "runs now", "before", "online", "note"):
+        devices.add_column(col)
+    for d in ro["devices"]:
+        note = d.get("detail") or ""
+        if d.get("variant"):
+            note = f"variant {d['variant']['quantization']}: {d['variant']['why']}" + (f"; {note}" if note else "")
+        if d.get("target_state") == "rolled_back":
+            note = "back on its previous model" if d.get("on_previous") else "returning to its previous model"
+        elif d.get("target_state") == "skipped":
+            note = "never told: the rollout ended before its wave"
+        devices.add_row(d["device_id"], d.get("wave_label", str(d["wave"])), d["state"].replace("_", " "),
+                        (d.get("target_state") or "-").replace("_", " "), d.get("running_model") or "-",
+                        d.get("previous_model") or "-", "yes" if d.get("online") else "no", note[:80])
+    parts += [waves, devices]
+    if ro.get("gate_results"):
+        gates = Table(title=f"gates of the last judged wave (soak {ro['strategy']['soak_s']:g} s)")
+        for col in ("gate", "result", "detail"):
+            gates.add_column(col)
+        for g in ro["gate_results"]:
+            gates.add_row(g["gate"], "[green]pass[/]" if g["passed"] else "[red]FAIL[/]", g["detail"])
+        parts.append(gates)
+    if ro.get("history"):
+        parts.append(Text("history:\n" + "\n".join(f"  {h}" for h in ro["history"])))
+    return parts
+
+
+def print_rollout(ro: dict[str, Any]) -> None:
+    for part in rollout_renderables(ro):
+        out.print(part, highlight=False)
+
+
+@rollout_app.command("list")
+def rollout_list(server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Every rollout, newest first: phase, progress, and why it stopped."""
+    from .client import ServerClient
+
+    try:
+        with ServerClient(server, token=token) as client:
+            rows = client.rollouts()
+    except EdgeError as exc:
+        fail(str(exc))
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table(title=f"{len(rows)} rollout(s)")
+    for col in ("rollout", "deployment", "model", "devices", "waves passed", "phase", "updated", "reason"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["id"], r["deployment_id"], f"{r.get('model') or '?'} {r.get('version') or ''}",
+                      str(r["devices"]), f"{r['waves_passed']}/{r['waves']}", _phase(r["phase"]),
+                      (r.get("updated_at") or "")[:19], (r.get("reason") or "")[:80])
+    out.print(table)
+
+
+@rollout_app.command("show")
+def rollout_show(
+    rollout_id: Annotated[str, typer.Argument(help="Rollout id (r-...) or its deployment id (d-...).")],
+    watch: Annotated[bool, typer.Option("--watch", help="Follow live progress until the rollout ends.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 1.0,
+    timeout: Annotated[float, typer.Option(help="Stop watching after this many seconds.")] = 3600.0,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One rollout: per wave and per device state, the gates it was judged by, and in words why
+    it completed or rolled back."""
+    from .client import ServerClient
+    from .rollouts import wait_rollout
+
+    try:
+        with ServerClient(server, token=token) as client:
+            if not watch:
+                ro = client.rollout(rollout_id)
+            elif as_json or not out.is_terminal:
+                seen: list[str] = []
+
+                def progress(view: dict[str, Any]) -> None:
+                    line = f"{view['phase']} wave {view['wave'] + 1}/{len(view['waves'])}: " + ", ".join(
+                        f"{d['device_id']}={d['state']}" for d in view["devices"] if d["wave"] == view["wave"])
+                    if not as_json and (not seen or seen[-1] != line):
+                        seen.append(line)
+                        out.print(line, highlight=False)
+
+                ro, _ = wait_rollout(client, rollout_id, timeout, poll_s=interval, on_update=progress)
+            else:
+                from rich.console import Group
+                from rich.live import Live
+
+                with Live(console=out, refresh_per_second=4) as live:
+                    ro, _ = wait_rollout(client, rollout_id, timeout, poll_s=interval,
+                                         on_update=lambda v: live.update(Group(*rollout_renderables(v))))
+                return
+    except EdgeError as exc:
+        fail(str(exc))
+    if as_json:
+        emit_json(ro)
+        return
+    print_rollout(ro)
+
+
+def _rollout_action(action: str, rollout_id: str, server: str | None, token: str | None, as_json: bool) -> None:
+    from .client import ServerClient
+
+    try:
+        with ServerClient(server, token=token) as client:
+            ro = client.rollout_action(rollout_id, action)
+    except EdgeError as exc:
+        fail(str(exc))
+    if as_json:
+        emit_json(ro)
+        return
+    print_rollout(ro)
+
+
+RolloutId = Annotated[str, typer.Argument(help="Rollout id (r-...) or its deployment id (d-...).")]
+
+
+@rollout_app.command("pause")
+def rollout_pause(rollout_id: RolloutId, server: ServerOpt = None, token: TokenOpt = None,
+                  as_json: JsonOpt = False) -> None:
+    """Hold the rollout where it is (no new wave, no judgement) until resumed."""
+    _rollout_action("pause", rollout_id, server, token, as_json)
+
+
+@rollout_app.command("resume")
+def rollout_resume(rollout_id: RolloutId, server: ServerOpt = None, token: TokenOpt = None,
+                   as_json: JsonOpt = False) -> None:
+    """Continue a paused rollout (the soak of the current wave starts over)."""
+    _rollout_action("resume", rollout_id, server, token, as_json)
+
+
+@rollout_app.command("abort")
+def rollout_abort(rollout_id: RolloutId, server: ServerOpt = None, token: TokenOpt = None,
+                  as_json: JsonOpt = False) -> None:
+    """Stop the rollout: devices keep what they run now, later waves never start."""
+    _rollout_action("abort", rollout_id, server, token, as_json)
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(rollout_id: RolloutId, server: ServerOpt = None, token: TokenOpt = None,
+                     as_json: JsonOpt = False) -> None:
+    """Return every device this rollout changed to its previous model (from the agents' second slot)."""
+    _rollout_action("rollback", rollout_id, server, token, as_json)
 
 
 def main() -> None:

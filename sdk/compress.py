@@ -351,6 +351,30 @@ def _clone(model: Any) -> Any:
     return c
 
 
+def _variant_entries(built: list[Variant], chosen: Variant, sx: np.ndarray, files: dict[str, bytes],
+                     atol: float, rtol: float) -> list[dict[str, Any]]:
+    """Manifest ``variants``: every quantization built, each with its file and its own smoke-test
+    sample (the chosen one is ``model.tflite``); ``files`` gains their files."""
+    out = []
+    for v in built:
+        if v.model is None:
+            raise CompressionError(f"the host runtime cannot load {v.label}, so it cannot be a variant")
+        file = "model.tflite" if v is chosen else f"model-{v.quantization}.tflite"
+        v_in, v_out = v.model.input_spec, v.model.output_spec
+        x = _quantize_input(sx, v_in)
+        integer_out = np.dtype(v_out["dtype"]).kind in "iu"
+        sample = ({"input": "sample_input.npy", "output": "sample_output.npy"} if v is chosen else
+                  {"input": f"sample_input-{v.quantization}.npy", "output": f"sample_output-{v.quantization}.npy"})
+        if v is not chosen:
+            files[file] = v.tflite
+            files[sample["input"]], files[sample["output"]] = tensor_to_npy(x), tensor_to_npy(v.model.run(x))
+        out.append({"name": v.label, "file": file, "quantization": v.quantization, "inputs": [v_in],
+                    "outputs": [v_out], "size_bytes": len(v.tflite),
+                    "sample": {**sample, "atol": 1.0 if integer_out else atol, "rtol": 0.0 if integer_out else rtol},
+                    "latency_ms": v.scores.get("latency_ms"), "accuracy": v.scores.get("accuracy")})
+    return out
+
+
 def compress(
     model_path: str | Path,
     output: str | Path,
@@ -369,6 +393,8 @@ def compress(
     auto: bool = False,
     max_accuracy_drop: float = 1.0,
     target: str | None = None,
+    sign: str | Path | None = None,
+    variant_modes: list[str] | None = None,
 ) -> CompressResult:
     """Compress one model into a bundle; measure the float32 reference and every variant tried.
 
@@ -376,6 +402,10 @@ def compress(
     ``train``). With ``auto`` every quantization the target allows (× pruning levels when
     ``train`` is given) is built and measured, and the smallest (gzip) within
     ``max_accuracy_drop`` points of the float32 reference, loadable by the target's runtime, ships.
+    ``sign`` (an Ed25519 private key file) signs the bundle.
+    ``variant_modes`` (quantizations, e.g. ``["float16", "int8"]``) builds one bundle holding each
+    of them, every one with its own smoke-test sample (manifest ``variants``); the first is the
+    default model, and the server gives each device the variant its profile prefers.
     """
     from .compression import select
     from .compression.pruning import check_sparsity
@@ -387,6 +417,13 @@ def compress(
         raise CompressionError(f"--threads must be >= 1, got {threads}")
     if quantize is not None and quantize not in QUANT_MODES:
         raise CompressionError(f"unknown quantization {quantize!r}: choose one of {', '.join(QUANT_MODES)}")
+    if variant_modes is not None:
+        bad = [m for m in variant_modes if m not in QUANT_MODES]
+        if bad or not variant_modes or len(set(variant_modes)) != len(variant_modes):
+            raise CompressionError(f"--variants {','.join(variant_modes)!r} must list distinct quantizations out of "
+                                   f"{', '.join(QUANT_MODES)}")
+        if auto:
+            raise CompressionError("--variants names the quantizations itself: drop --auto")
     profile = None
     if target:
         from .protocol.profiles import get_profile
@@ -395,6 +432,11 @@ def compress(
     out = Path(output)
     if out.parent and not out.parent.exists():
         raise CompressionError(f"output directory {out.parent} does not exist")
+    bundle_signer = None
+    if sign is not None:  # read the key before the (long) conversion: a bad key fails at once
+        from .protocol.signing import signer
+
+        bundle_signer = signer(sign)
 
     src = load_source(model_path)
     cal_x = load_arrays(calibration, need_y=False, what="calibration")[0] if calibration else None
@@ -443,6 +485,8 @@ def compress(
         elif prune is not None:
             levels += [prune]
         plan = [(lv, m) for lv in levels for m in modes]
+    elif variant_modes:
+        plan = [(prune, m) for m in variant_modes]
     else:
         plan = [(prune, quantize or "dynamic")]
 
@@ -572,6 +616,9 @@ def compress(
     }
     files = {"model.tflite": chosen.tflite, "sample_input.npy": tensor_to_npy(sample_in),
              "sample_output.npy": tensor_to_npy(sample_out)}
-    sha = write_bundle(out, manifest, files)
-    report["bundle"] = {"path": str(out), "sha256": sha, "size_bytes": out.stat().st_size}
+    if variant_modes and src.tflite is None:
+        manifest["variants"] = _variant_entries(variants, chosen, sx, files, atol, rtol)
+    sha = write_bundle(out, manifest, files, signer=bundle_signer)
+    report["bundle"] = {"path": str(out), "sha256": sha, "size_bytes": out.stat().st_size,
+                        "signed": bundle_signer is not None}
     return CompressResult(out, sha, out.stat().st_size, manifest, report)

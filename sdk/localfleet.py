@@ -2,11 +2,15 @@
 
 Each process is the real program (``python -m server.main`` / ``python -m agent.main``), with its
 own data directory and log file; ``close()`` stops every one of them (SIGTERM, then SIGKILL).
+
+Like an operator's shell, a running fleet exports the server's API token as ``EDGECTL_TOKEN``
+(restored by ``close()``), so ``ServerClient`` and ``edgectl`` commands run meanwhile use it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -50,6 +54,9 @@ class LocalFleet:
         self.server: subprocess.Popen[str] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.url = self.broker = ""
+        self.token = ""
+        self._env_token: str | None = None
+        self._exported = False
         self._logs: list[IO[Any]] = []
 
     def _log(self, name: str) -> IO[Any]:
@@ -66,8 +73,9 @@ class LocalFleet:
         args = ["--data", str(self.workdir / "server"), "--http", "127.0.0.1:0", "--broker", broker,
                 *(extra or [])]
         self._show("edgectl-server", args)
+        log_name = "server" if self.server is None else f"server-{len(self._logs)}"  # a restart: a new log
         self.server = proc = subprocess.Popen([sys.executable, "-m", "server.main", *args],
-                                              stdout=subprocess.PIPE, stderr=self._log("server"), text=True)
+                                              stdout=subprocess.PIPE, stderr=self._log(log_name), text=True)
         assert proc.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -77,12 +85,36 @@ class LocalFleet:
                     print(line.rstrip(), flush=True)
                 fields = dict(part.split("=", 1) for part in line.split()[2:])
                 self.url, self.broker = fields["http"], fields["broker"]
+                self._export_token(self._token_path(args))
                 return self.url
             if not line and proc.poll() is not None:
                 break
         stop_process(proc)
         raise EdgeError("edgectl-server did not start: "
-                        + (self.workdir / "server.log").read_text(errors="replace")[-1500:])
+                        + (self.workdir / f"{log_name}.log").read_text(errors="replace")[-1500:])
+
+    def stop_server(self) -> int | None:
+        """SIGTERM the server (agents keep running); ``start_server`` again restarts it on the same data."""
+        code = stop_process(self.server) if self.server is not None else None
+        self.url = ""
+        return code
+
+    def _token_path(self, args: list[str]) -> Path:
+        if "--token-file" in args:
+            return Path(args[args.index("--token-file") + 1])
+        return self.workdir / "server" / "api-token"
+
+    def _export_token(self, path: Path) -> None:
+        self.token = path.read_text().strip()
+        if not self._exported:
+            self._env_token, self._exported = os.environ.get("EDGECTL_TOKEN"), True
+        os.environ["EDGECTL_TOKEN"] = self.token
+
+    def client(self) -> Any:
+        """A ``ServerClient`` for this fleet's server, with its token."""
+        from .client import ServerClient
+
+        return ServerClient(self.url, token=self.token)
 
     def start_agent(self, device_id: str, *, labels: dict[str, str] | None = None,
                     heartbeat: float = 2.0, telemetry_interval: float = 2.0,
@@ -103,7 +135,7 @@ class LocalFleet:
     def wait_online(self, device_ids: list[str] | tuple[str, ...], timeout: float = 30.0) -> None:
         from .client import ServerClient
 
-        with ServerClient(self.url) as client:
+        with ServerClient(self.url, token=self.token or None) as client:
             wait_for(f"devices {', '.join(device_ids)} online",
                      lambda: {d["id"] for d in client.devices() if d["online"]} >= set(device_ids), timeout)
 
@@ -121,6 +153,12 @@ class LocalFleet:
         code = stop_process(self.server) if self.server is not None else None
         for f in self._logs:
             f.close()
+        if self._exported:
+            if self._env_token is None:
+                os.environ.pop("EDGECTL_TOKEN", None)
+            else:
+                os.environ["EDGECTL_TOKEN"] = self._env_token
+            self._exported = False
         return code
 
     def __enter__(self) -> LocalFleet:

@@ -111,3 +111,68 @@ def drift_psi(summary: dict[str, Sequence[int]] | None, baseline: dict[str, Sequ
     return {"drift_psi": round(worst, 4) if worst is not None else None,
             "drift": (worst > drift.PSI_DRIFT) if worst is not None else None,
             "drift_fields": {f: (round(v, 4) if v is not None else None) for f, v in per.items()}}
+
+
+#: Sums of ``Telemetry.stage`` (see ``messages.STAGE_SUMS``) and the counts they are over.
+STAGE_SUMS = ("transfer_ms", "wait_ms", "compute_ms", "forward_ms")
+
+
+@dataclass
+class StageAcc:
+    """Summed ``Telemetry.stage`` of a device (or of a stage's replicas) over a window."""
+
+    count: int = 0
+    errors: int = 0
+    timed: int = 0
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGE_SUMS, 0.0))
+
+    def add(self, count: int, errors: int, timed: int, sums: dict[str, float]) -> None:
+        self.count += count
+        self.errors += errors
+        self.timed += timed
+        for k in STAGE_SUMS:
+            self.sums[k] += sums[k]
+
+    def summary(self) -> dict[str, Any]:
+        """Requests, errors, and mean ms per request: transfer over the timed ones, the rest over
+        the successful ones (None when there were none)."""
+        ok = self.count - self.errors
+        out: dict[str, Any] = {"requests": self.count, "errors": self.errors}
+        for k in STAGE_SUMS:
+            n = self.timed if k == "transfer_ms" else ok
+            out[k] = round(self.sums[k] / n, 4) if n > 0 else None
+        return out
+
+
+def stage_health(rows: Iterable[tuple[str, str, int, int, int, int, int, dict[str, float]]]
+                 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """From (device, service, stage, stages, count, errors, timed, sums) per device and role:
+
+    * per device, its busiest role in the window with mean times (``fleet health`` row ``stage``);
+    * per service, its stages with their replicas and mean times, and the **bottleneck**: the
+      stage with the most compute per replica (the one that limits throughput); queueing
+      (``wait_ms``) grows in front of it.
+    """
+    per_role: dict[tuple[str, str, int, int], StageAcc] = {}
+    for d, svc, stage, stages, count, errors, timed, sums in rows:
+        per_role.setdefault((d, svc, stage, stages), StageAcc()).add(count, errors, timed, sums)
+    devices: dict[str, dict[str, Any]] = {}
+    best: dict[str, int] = {}
+    services: dict[str, dict[tuple[int, int], tuple[StageAcc, set[str]]]] = {}
+    for (d, svc, stage, stages), acc in sorted(per_role.items()):
+        if acc.count > best.get(d, -1):
+            best[d] = acc.count
+            devices[d] = {"service": svc, "stage": stage, "stages": stages, **acc.summary()}
+        merged_acc, devs = services.setdefault(svc, {}).setdefault((stage, stages), (StageAcc(), set()))
+        merged_acc.add(acc.count, acc.errors, acc.timed, acc.sums)
+        devs.add(d)
+    out = []
+    for svc, by_stage in sorted(services.items()):
+        rows_ = [{"stage": stage, "stages": stages, "replicas": len(devs), "devices": sorted(devs), **acc.summary()}
+                 for (stage, stages), (acc, devs) in sorted(by_stage.items())]
+        timed = [r for r in rows_ if r["compute_ms"] is not None]
+        worst = max(timed, key=lambda r: (r["compute_ms"] / r["replicas"], r["wait_ms"] or 0.0)) if timed else None
+        for r in rows_:
+            r["bottleneck"] = r is worst and len(rows_) > 1
+        out.append({"service": svc, "stages": rows_, "bottleneck": worst["stage"] if worst else None})
+    return devices, out

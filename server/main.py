@@ -22,6 +22,7 @@ from typing import Any
 from sdk.protocol.errors import EdgeError
 
 from .config import DEFAULT_CHUNK_SIZE, DEFAULT_HTTP, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Config
+from .security import SERVER_USER
 
 log = logging.getLogger("edgectl.server")
 #: How often the retention policy runs (also once at start).
@@ -49,6 +50,10 @@ def _broker(text: str) -> str:
         parse_broker_url(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{exc}, or 'local'") from None
+    if text.startswith("mqtts:"):
+        raise argparse.ArgumentTypeError(
+            "the server connects to its broker without TLS (use a loopback or trusted listener, "
+            "mqtt://HOST:PORT); mqtts:// is for devices and clients")
     return text
 
 
@@ -59,6 +64,16 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _nonneg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds >= 0")
     return value
 
 
@@ -91,13 +106,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mark a device offline after S seconds without any message (default 15)")
     p.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
                    help=f"artifact chunk size (default {DEFAULT_CHUNK_SIZE})")
+    p.add_argument("--fanout-window", type=_nonneg, default=5.0, metavar="S",
+                   help="devices downloading the same artifact at once share one broadcast copy of each "
+                        "chunk; a chunk broadcast within S seconds is not sent again (default 5; 0: off)")
     p.add_argument("--retention-raw", type=_duration, default=7 * 86400.0, metavar="DURATION",
                    help="keep raw per-interval telemetry this long (default 7d)")
     p.add_argument("--retention-rollup", type=_duration, default=400 * 86400.0, metavar="DURATION",
                    help="keep hourly rollups, events and closed sessions this long (default 400d)")
+    p.add_argument("--rollout-interval", type=_positive, default=1.0, metavar="S",
+                   help="advance rollouts (install progress, soak, gates) every S seconds (default 1)")
+    sec = p.add_argument_group("security")
+    sec.add_argument("--token-file", metavar="FILE",
+                     help="the HTTP API's bearer token (default DATA/api-token, created with a random "
+                          "token at first start, mode 0600)")
+    sec.add_argument("--public-read", action="store_true",
+                     help="allow GET requests (health, lists, metrics) without a token; changes still need one")
+    sec.add_argument("--secure", action="store_true",
+                     help="with --broker local: per-device passwords and ACL (edgectl devices enroll), "
+                          "anonymous clients refused")
+    sec.add_argument("--broker-bind", default="127.0.0.1", metavar="HOST",
+                     help="address the private broker listens on (default 127.0.0.1; 0.0.0.0 for a LAN)")
+    sec.add_argument("--broker-tls-port", type=int, metavar="N",
+                     help="with --broker local: also listen for devices over TLS on --broker-bind:N "
+                          "(needs --broker-certfile and --broker-keyfile; the plain port stays on loopback)")
+    sec.add_argument("--broker-certfile", metavar="FILE", help="the private broker's TLS certificate (PEM)")
+    sec.add_argument("--broker-keyfile", metavar="FILE", help="its private key (PEM)")
+    sec.add_argument("--broker-user", metavar="USER",
+                     help="the server's username on an external broker (--broker mqtt://...)")
+    sec.add_argument("--broker-password-file", metavar="FILE",
+                     help="file holding the server's password on an external broker")
+    p.add_argument("--ingest-workers", type=_workers, default=0, metavar="N",
+                   help="store device telemetry in N worker processes that share its subscription "
+                        "(default 0: in the server process; about 2 per core for the highest rates)")
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
     return p
+
+
+def _workers(text: str) -> int:
+    if not text.isdigit() or int(text) > 64:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number from 0 to 64")
+    return int(text)
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -106,11 +155,33 @@ def parse_config(argv: list[str] | None = None) -> Config:
     if not 0 <= args.broker_port <= 65535:
         build_parser().error(f"--broker-port {args.broker_port} is not a port number")
     host, port = args.http
+    if args.secure and args.broker != "local":
+        build_parser().error("--secure configures the private broker (--broker local); on your own broker "
+                             "use DATA/broker/passwd and DATA/broker/acl, and --broker-user")
+    if bool(args.broker_user) != bool(args.broker_password_file):
+        build_parser().error("--broker-user and --broker-password-file go together")
+    tls = (args.broker_tls_port, args.broker_certfile, args.broker_keyfile)
+    if any(v is not None for v in tls) and (not all(v is not None for v in tls) or args.broker != "local"):
+        build_parser().error("--broker-tls-port, --broker-certfile and --broker-keyfile go together, "
+                             "with --broker local")
+    if args.broker_tls_port is not None and not 0 < args.broker_tls_port <= 65535:
+        build_parser().error(f"--broker-tls-port {args.broker_tls_port} is not a port number")
+    for path in tls[1:]:
+        if path is not None and not os.access(path, os.R_OK):
+            build_parser().error(f"cannot read {path}")
     return Config(data_dir=data, db_url=args.db or f"sqlite:///{data / 'edgectl.db'}",
                   http_host=host, http_port=port, broker=args.broker, broker_port=args.broker_port,
                   heartbeat_timeout=args.heartbeat_timeout, chunk_size=args.chunk_size,
+                  fanout_window_s=args.fanout_window,
                   log_level=args.log_level, retention_raw_s=args.retention_raw,
-                  retention_rollup_s=args.retention_rollup)
+                  retention_rollup_s=args.retention_rollup, rollout_interval_s=args.rollout_interval,
+                  token_file=Path(args.token_file).expanduser().resolve() if args.token_file else None,
+                  public_read=args.public_read, secure_broker=args.secure, broker_bind=args.broker_bind,
+                  broker_username=args.broker_user,
+                  broker_tls=(args.broker_tls_port, Path(args.broker_certfile).resolve(),
+                              Path(args.broker_keyfile).resolve()) if args.broker_tls_port else None,
+                  broker_password_file=Path(args.broker_password_file) if args.broker_password_file else None,
+                  ingest_workers=args.ingest_workers)
 
 
 def _redacted(url: str) -> str:
@@ -147,6 +218,32 @@ def _listen(host: str, port: int) -> socket.socket:
         raise StartupError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}") from None
 
 
+def api_token(config: Config) -> str:
+    """The API token: read from the token file, or created there at first start (mode 0600)."""
+    import secrets
+
+    from .security import read_secret_file, write_secret_file
+
+    path = config.api_token_path
+    try:
+        token = read_secret_file(path)
+    except OSError as exc:
+        raise StartupError(f"cannot read the API token file {path}: {exc.strerror or exc}") from None
+    if token is not None:
+        if len(token) < 16 or any(c.isspace() for c in token):
+            raise StartupError(f"the API token in {path} must be at least 16 characters, without spaces")
+        return token
+    if config.token_file is not None:
+        raise StartupError(f"the API token file {path} does not exist or is empty")
+    token = secrets.token_urlsafe(32)
+    try:
+        write_secret_file(path, token + "\n")
+    except OSError as exc:
+        raise StartupError(f"cannot write the API token file {path}: {exc.strerror or exc}") from None
+    log.info("created the API token in %s (give it to edgectl: --token, EDGECTL_TOKEN or token_file)", path)
+    return token
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     from sdk.protocol.fsutil import write_atomic
 
@@ -158,8 +255,10 @@ def run(config: Config) -> int:
 
     from .api import create_app
     from .broker import BrokerError, LocalBroker
+    from .ingest import WORKER_KINDS, IngestError, IngestWorkers, retire_sessions
     from .mqtt import BrokerUnreachable, MqttSide
-    from .service import Service
+    from .security import BrokerAccounts
+    from .service import INGESTED, Service
 
     cleanups: list[tuple[str, Callable[[], Any]]] = []
     stop = threading.Event()
@@ -188,24 +287,58 @@ def run(config: Config) -> int:
         sock = _listen(config.http_host, config.http_port)
         cleanups.append(("http socket", sock.close))
         http_port = sock.getsockname()[1]
+        token = api_token(config)
+        broker_user, broker_password = None, None
+        accounts = BrokerAccounts(config.broker_dir)
         if config.broker == "local":
             try:
-                broker = LocalBroker(config.broker_dir, config.broker_port)
+                broker = LocalBroker(config.broker_dir, config.broker_port, secure=config.secure_broker,
+                                     bind=config.broker_bind, tls=config.broker_tls)
+                if config.secure_broker:
+                    accounts.reload = broker.reload
+                    broker_user, broker_password = SERVER_USER, accounts.ensure()
                 broker_url = broker.start()
             except BrokerError as exc:
                 raise StartupError(str(exc)) from None
+            except OSError as exc:
+                raise StartupError(f"cannot write the broker's accounts in {config.broker_dir}: "
+                                   f"{exc.strerror or exc}") from None
             cleanups.append(("private broker", broker.stop))
         else:
             broker_url = config.broker
+            if config.broker_username and config.broker_password_file:
+                broker_user = config.broker_username
+                try:
+                    broker_password = config.broker_password_file.read_text().strip()
+                except OSError as exc:
+                    raise StartupError(f"cannot read --broker-password-file {config.broker_password_file}: "
+                                       f"{exc.strerror or exc}") from None
         service = Service(config, store)
         service.http_url = f"http://{config.http_host}:{http_port}"
         service.broker_url = broker_url
-        mqtt_side = MqttSide(service, broker_url)
+        service.accounts = accounts
+        # With ingest workers, device telemetry goes to them (server.ingest); the rest stays here.
+        kinds = [k for k in INGESTED if k not in WORKER_KINDS] if config.ingest_workers else INGESTED
+        mqtt_side = MqttSide(service, broker_url, kinds=kinds)
+        if broker_user:
+            mqtt_side.client.username_pw_set(broker_user, broker_password)
         cleanups.append(("MQTT", mqtt_side.stop))
         try:
+            if not config.ingest_workers:  # sessions of workers an earlier run had would keep a share
+                retire_sessions(config, broker_url, mqtt_side.client_id, keep=0, username=broker_user,
+                                password=broker_password)
             mqtt_side.start()
         except BrokerUnreachable as exc:
             raise StartupError(str(exc)) from None
+        if config.ingest_workers:
+            workers = IngestWorkers(service, broker_url, config.ingest_workers, base_client_id=mqtt_side.client_id,
+                                    username=broker_user, password=broker_password)
+            cleanups.append(("ingest workers", workers.stop))
+            try:
+                workers.start()
+            except IngestError as exc:
+                raise StartupError(str(exc)) from None
+            service.queue_depth = lambda: mqtt_side.queue.qsize() + workers.depth()
 
         sweep_interval = min(1.0, config.heartbeat_timeout / 4)
 
@@ -227,7 +360,21 @@ def run(config: Config) -> int:
         sweep_thread.start()
         cleanups.append(("sweeper", lambda: sweep_thread.join(timeout=5)))
 
-        userver = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning",
+        def rollouts() -> None:
+            """Advance gated rollouts (canary -> waves) on the server's clock; state is in the DB."""
+            try:
+                service.rollouts.resume()
+            except Exception:
+                log.exception("resuming rollouts failed")
+            while not stop.wait(config.rollout_interval_s):
+                service.rollouts.tick()  # never raises: logs per rollout
+
+        rollout_thread = threading.Thread(target=rollouts, name="rollouts", daemon=True)
+        rollout_thread.start()
+        cleanups.append(("rollouts", lambda: rollout_thread.join(timeout=5)))
+
+        app = create_app(service, tokens=[token], public_read=config.public_read)
+        userver = uvicorn.Server(uvicorn.Config(app, log_level="warning",
                                                 lifespan="off", access_log=False,
                                                 timeout_graceful_shutdown=5))
 

@@ -7,17 +7,22 @@ messages wait in the broker, whose per-client queue must be large enough: see
 ``server.broker.render_config``). One worker thread drains the queue in batches of up to
 ``BATCH_MAX`` messages and hands each batch to ``Service.handle_batch`` (one transaction for
 the telemetry and heartbeats in it), which never raises.
+
+The server's MQTT session is persistent: one client id per data directory (``DATA/mqtt-client-id``),
+``clean_start=False`` and a session expiry of ``SESSION_EXPIRY_S``, so while the server is down
+or restarting the broker keeps its subscriptions and queues the devices' QoS 1 messages for it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import socket
 import threading
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -26,13 +31,22 @@ from paho.mqtt.properties import Properties
 
 from sdk.protocol import topics
 from sdk.protocol.errors import EdgeError
+from sdk.protocol.fsutil import write_atomic
 from sdk.protocol.net import parse_broker_url, set_nodelay
+from sdk.protocol.topics import DeviceTopic
 
 from .service import INGESTED, Service
 
 log = logging.getLogger("edgectl.server.mqtt")
 
 QUEUE_SIZE = 20000
+#: How long the broker keeps the server's session (its subscriptions and the QoS 1 messages
+#: that arrive for it) while the server is down: a restart within it loses no telemetry.
+SESSION_EXPIRY_S = 86400
+#: Upper bound of a chunk message's bytes beyond the chunk itself (frame header, topic, properties).
+CHUNK_OVERHEAD = 1024
+#: File in the data dir holding the server's MQTT client id (the session's name).
+CLIENT_ID_FILE = "mqtt-client-id"
 #: Most messages written in one transaction by the ingest worker.
 BATCH_MAX = 2000
 _STOP = object()
@@ -46,11 +60,18 @@ class BrokerUnreachable(EdgeError):
 class MqttSide:
     """Connects to the broker, subscribes, and feeds the ingest worker; also the Publisher."""
 
-    def __init__(self, service: Service, broker_url: str, *, client_id: str | None = None):
+    def __init__(self, service: Service, broker_url: str, *, client_id: str | None = None,
+                 session_expiry_s: int = SESSION_EXPIRY_S, kinds: Sequence[DeviceTopic] = INGESTED):
         self.service = service
+        #: Device topics this client subscribes to (without telemetry when ingest workers take it).
+        self.kinds = tuple(kinds)
         self.host, self.port = parse_broker_url(broker_url)
-        # A unique id per process: several servers (or a restarted one) never kick each other off.
-        self.client_id = client_id or f"edgectl-server-{socket.gethostname()[:20]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # One id per data directory, kept across restarts: the broker holds this session's
+        # subscriptions and queues QoS 1 messages for it while the server is down. Servers with
+        # their own data dirs (replicas sharing PostgreSQL) never kick each other off.
+        self.client_id = client_id or _stable_client_id(service.config.data_dir / CLIENT_ID_FILE)
+        self.session_expiry_s = session_expiry_s
+        self.max_packet: int | None = None  # the broker's Maximum Packet Size, when it says one
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_SIZE)
         self._connected = threading.Event()
         self._first_connect: tuple[bool, str] | None = None
@@ -72,9 +93,9 @@ class MqttSide:
         """Connect and subscribe; raises BrokerUnreachable when the broker does not accept us."""
         self._worker.start()
         props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 0
+        props.SessionExpiryInterval = self.session_expiry_s
         try:
-            self.client.connect(self.host, self.port, keepalive=30, clean_start=True, properties=props)
+            self.client.connect(self.host, self.port, keepalive=30, clean_start=False, properties=props)
         except OSError as exc:
             raise BrokerUnreachable(f"cannot connect to the MQTT broker at {self.host}:{self.port}: "
                                     f"{exc.strerror or exc}") from None
@@ -86,6 +107,11 @@ class MqttSide:
         if not ok:
             raise BrokerUnreachable(f"the MQTT broker at {self.host}:{self.port} refused the "
                                     f"connection: {why}")
+        chunk = self.service.config.chunk_size
+        if self.max_packet is not None and chunk + CHUNK_OVERHEAD > self.max_packet:
+            raise BrokerUnreachable(f"the MQTT broker at {self.host}:{self.port} accepts packets of at most "
+                                    f"{self.max_packet} bytes: chunks of {chunk} bytes (+ {CHUNK_OVERHEAD} for "
+                                    f"the frame header and topic) would be refused; lower --chunk-size")
 
     def stop(self) -> None:
         try:
@@ -117,9 +143,15 @@ class MqttSide:
         # Plain subscriptions, not topics.shared(...) for now: a shared subscription does not
         # receive retained messages, and the server needs every device's retained status.
         set_nodelay(client)
-        client.subscribe([(topics.device_wildcard(kind), 1) for kind in INGESTED])
+        client.subscribe([(topics.device_wildcard(kind), 1) for kind in self.kinds])
+        dropped = [topics.device_wildcard(kind) for kind in INGESTED if kind not in self.kinds]
+        if dropped:  # a resumed session keeps what an earlier run subscribed to
+            client.unsubscribe(dropped)
+        self.max_packet = getattr(properties, "MaximumPacketSize", None)
         self._connected.set()
-        log.info("connected to MQTT broker %s:%d as %s", self.host, self.port, self.client_id)
+        log.info("connected to MQTT broker %s:%d as %s (%s)", self.host, self.port, self.client_id,
+                 "session resumed: what arrived while the server was away follows"
+                 if getattr(flags, "session_present", False) else "new session")
         if self._first_connect is None:
             self._first_connect = (True, "")
             self._first_event.set()
@@ -172,3 +204,23 @@ class MqttSide:
     def _ingest(self, batch: list[tuple[str, bytes, datetime]]) -> None:
         if batch:
             self.service.handle_batch(batch)
+
+
+def _stable_client_id(path: Path) -> str:
+    """The client id recorded in ``path``, created (atomically) at first start."""
+    try:
+        text = path.read_text().strip()
+        if text and topics.valid_id(text):
+            return text
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot read %s (%s); using a new MQTT client id", path, exc.strerror or exc)
+    cid = f"edgectl-server-{socket.gethostname()[:20]}-{uuid.uuid4().hex[:8]}"
+    cid = "".join(c if c.isalnum() or c in "-_" else "-" for c in cid)
+    try:
+        write_atomic(path, (cid + "\n").encode())
+    except OSError as exc:
+        log.warning("cannot record the MQTT client id in %s (%s): messages that arrive while this "
+                    "server is down will not wait for it", path, exc.strerror or exc)
+    return cid

@@ -11,19 +11,39 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import secrets
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from sdk.protocol import topics
+from sdk.protocol.errors import EdgeError, ProtocolError
 from sdk.protocol.fsutil import write_atomic
 from sdk.protocol.topics import DeviceTopic
 
 from .broker import run_as_lines
 
+log = logging.getLogger("edgectl.server.security")
+
 ITERATIONS = 101  # mosquitto_passwd's default for $7$
 SERVER_USER = "edgectl-server"
+OPERATOR_USER = "edgectl-operator"
+#: Broker usernames that are not devices: enrolling a device under one of them is refused.
+RESERVED_USERS = (SERVER_USER, OPERATOR_USER)
+#: The shared request topics of services (pipelines, replica pools): every device may take
+#: requests from them and forward to them (see ``topics.service_infer``).
+SERVICE_INFER = f"{topics.PREFIX}/services/+/stages/+/infer"
+CLIENT_RESPONSES = f"{topics.PREFIX}/clients/+/{topics.CLIENT_RESPONSES}"
+
+
+class EnrollError(EdgeError):
+    """A device cannot be enrolled: its id is invalid or reserved."""
+
+
+class NoCredentials(EnrollError):
+    """The device has no broker credentials to revoke."""
 
 #: What a device may do on its own topics (%u = its username = its device id).
 DEVICE_WRITE = (DeviceTopic.STATUS, DeviceTopic.REPORTED, DeviceTopic.TELEMETRY,
@@ -77,13 +97,18 @@ def render_acl(operators: Iterable[str] = (), server_user: str = SERVER_USER) ->
     lines += ["# every device: its own topics only (%u = username = device id)"]
     lines += [f"pattern write {_device_pattern(k)}" for k in DEVICE_WRITE]
     lines += [f"pattern read {_device_pattern(k)}" for k in DEVICE_READ]
-    lines += [f"pattern write {topics.PREFIX}/clients/+/{topics.CLIENT_RESPONSES}", ""]
+    lines += ["# chunk broadcasts of artifacts several devices download at once (content-addressed)",
+              f"pattern read {topics.ARTIFACT_CHUNKS_WILDCARD}"]
+    lines += ["# inference answers to any client, and the shared service (pipeline/replica) topics",
+              f"pattern write {CLIENT_RESPONSES}",
+              f"pattern readwrite {SERVICE_INFER}", ""]
     lines += [f"user {topics.check_id(server_user, 'broker username')}", f"topic readwrite {root}", ""]
     for op in sorted(set(operators)):
         lines += [f"user {topics.check_id(op, 'broker username')}",
                   f"topic write {topics.device_wildcard(DeviceTopic.INFER)}",
+                  f"topic write {SERVICE_INFER}",
                   f"topic read {topics.device_wildcard(DeviceTopic.STATUS)}",
-                  f"topic read {topics.PREFIX}/clients/+/{topics.CLIENT_RESPONSES}", ""]
+                  f"topic read {CLIENT_RESPONSES}", ""]
     return "\n".join(lines)
 
 
@@ -107,3 +132,113 @@ def render_secure_listener(port: int, broker_dir: Path, *, host: str = "127.0.0.
 def write_secret_file(path: Path, text: str) -> None:
     """Write a credentials file readable by its owner only, atomically."""
     write_atomic(path, text.encode(), mode=0o600)
+
+
+def read_secret_file(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def parse_passwd(text: str) -> dict[str, str]:
+    """``user:hash`` lines back into a dict (blank lines and comments skipped)."""
+    accounts: dict[str, str] = {}
+    for line in text.splitlines():
+        user, sep, hashed = line.strip().partition(":")
+        if sep and user and not user.startswith("#") and hashed.startswith("$7$"):
+            accounts[user] = hashed
+    return accounts
+
+
+class BrokerAccounts:
+    """The broker's password file and ACL, kept by the server under ``DATA/broker/``.
+
+    The password file is the only record of the devices' credentials (hashes only: a device's
+    password is shown once, at enrollment). The server's and the operators' passwords are kept
+    in 0600 files next to it (``server.password``, ``operator.password``), created at first
+    start. After every change the files are rewritten atomically and ``reload`` (SIGHUP to the
+    private broker) makes Mosquitto read them, so a new device can connect at once and a revoked
+    one is disconnected.
+    """
+
+    def __init__(self, broker_dir: Path, reload: Callable[[], bool] | None = None):
+        self.dir = Path(broker_dir)
+        self.reload = reload
+        self._lock = threading.Lock()
+
+    @property
+    def passwd_path(self) -> Path:
+        return self.dir / "passwd"
+
+    @property
+    def acl_path(self) -> Path:
+        return self.dir / "acl"
+
+    def password_path(self, user: str) -> Path:
+        return self.dir / ("server.password" if user == SERVER_USER else "operator.password")
+
+    def ensure(self) -> str:
+        """Create the server's and the operator's passwords if missing, write both files;
+        returns the server's password."""
+        with self._lock:
+            for user in RESERVED_USERS:
+                if read_secret_file(self.password_path(user)) is None:
+                    write_secret_file(self.password_path(user), new_password() + "\n")
+            self._write(self._devices())
+        password = read_secret_file(self.password_path(SERVER_USER))
+        assert password is not None
+        return password
+
+    def _devices(self) -> dict[str, str]:
+        try:
+            accounts = parse_passwd(self.passwd_path.read_text())
+        except FileNotFoundError:
+            return {}
+        return {u: h for u, h in accounts.items() if u not in RESERVED_USERS}
+
+    def devices(self) -> list[str]:
+        with self._lock:
+            return sorted(self._devices())
+
+    def _write(self, devices: Mapping[str, str]) -> None:
+        accounts = dict(devices)
+        for user in RESERVED_USERS:
+            password = read_secret_file(self.password_path(user))
+            if password is not None:
+                accounts[user] = hash_password(password)
+        write_secret_file(self.passwd_path, render_passwd(accounts))
+        write_secret_file(self.acl_path, render_acl(operators=[OPERATOR_USER]))
+
+    def _apply(self) -> bool:
+        if self.reload is None:
+            return False
+        return self.reload()
+
+    def enroll(self, device_id: str) -> tuple[str, bool]:
+        """A new random password for the device (replacing any earlier one); returns it and
+        whether the running broker has already taken it."""
+        try:
+            topics.check_id(device_id)
+        except ProtocolError as exc:
+            raise EnrollError(str(exc)) from None
+        if device_id in RESERVED_USERS:
+            raise EnrollError(f"{device_id!r} is a reserved broker account, not a device id")
+        password = new_password()
+        with self._lock:
+            devices = self._devices()
+            rotated = device_id in devices
+            devices[device_id] = hash_password(password)
+            self._write(devices)
+        log.info("%s broker credentials of device %s", "rotated" if rotated else "created", device_id)
+        return password, self._apply()
+
+    def revoke(self, device_id: str) -> bool:
+        """Remove a device's credentials (the broker disconnects it); returns whether applied."""
+        with self._lock:
+            devices = self._devices()
+            if devices.pop(device_id, None) is None:
+                raise NoCredentials(f"device {device_id[:64]!r} has no broker credentials")
+            self._write(devices)
+        log.info("revoked broker credentials of device %s", device_id)
+        return self._apply()

@@ -5,21 +5,29 @@ seam (``server.mqtt.MqttSide`` in production, a list in tests).
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import threading
+import zipfile
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 from sdk.protocol import drift, frames, messages, topics
 from sdk.protocol.bundle import read_bundle
-from sdk.protocol.errors import BundleError, ProtocolError
+from sdk.protocol.errors import BundleError, DeployError, ProtocolError
 from sdk.protocol.fsutil import write_atomic
 from sdk.protocol.topics import DeviceTopic
 
-from . import __version__
+from . import __version__, placement
 from .config import Config
+from .rollout import Gates, Strategy
+from .rollouts import Rollouts
+from .rollouts import variant_roles as variant_roles_for
+from .security import BrokerAccounts
 from .store import NotFound, Store, chunk_count, utcnow
 
 log = logging.getLogger("edgectl.server")
@@ -38,6 +46,19 @@ class NullPublisher:
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         log.debug("no MQTT side: dropped %d bytes for %s", len(payload), topic)
+
+
+#: A device that sent no Fetch for this long no longer counts as downloading (fan-out).
+FANOUT_IDLE_S = 10.0
+
+
+@dataclass
+class _Wave:
+    """The devices downloading one artifact, and when each of its chunks was last broadcast."""
+
+    #: device -> arrival times (epoch seconds) of its first and its latest Fetch
+    fetchers: dict[str, tuple[float, float]] = field(default_factory=dict)
+    sent: dict[int, float] = field(default_factory=dict)  # chunk index -> when broadcast (epoch seconds)
 
 
 class Rejected(Exception):
@@ -62,8 +83,14 @@ class Service:
         self._rejected: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._known_devices: set[str] = set()
+        #: The broker's password file and ACL (``edgectl devices enroll``); set by server.main.
+        self.accounts: BrokerAccounts = BrokerAccounts(config.broker_dir)
         #: Ingest counters for /v1/info and /metrics.
         self.stats: Counter[str] = Counter()
+        #: Fan-out state per artifact being downloaded (see ``_serve_fetch``); ingest worker only.
+        self._waves: dict[str, _Wave] = {}
+        #: Gated deployments (canary -> waves), advanced by the server's periodic loop.
+        self.rollouts = Rollouts(self)
 
     # -- info ----------------------------------------------------------------------------------
 
@@ -119,10 +146,25 @@ class Service:
                beats: list[tuple[str, str, messages.Heartbeat, datetime]]) -> None:
         if not tele and not beats:
             return
+        self._store(tele, beats)
+        tele.clear()
+        beats.clear()
+
+    def _store(self, tele: list[tuple[str, str, messages.Telemetry, datetime]],
+               beats: list[tuple[str, str, messages.Heartbeat, datetime]]) -> None:
+        """One transaction; if it fails, each half again, so one message the database refuses
+        (a value out of its range, say) costs only itself, not the 2,000 stored with it."""
         try:
             results = self.store.ingest([(d, m, t) for _, d, m, t in tele], [(d, m, t) for _, d, m, t in beats])
         except Exception:
-            log.exception("failed to store a batch of %d telemetry and %d heartbeat messages", len(tele), len(beats))
+            if len(tele) > 1 or len(beats) > 1:
+                cut, bcut = (len(tele) // 2, 0) if len(tele) > 1 else (len(tele), len(beats) // 2)
+                log.warning("storing a batch of %d telemetry and %d heartbeat messages failed; trying its halves",
+                            len(tele), len(beats))
+                self._store(tele[:cut], beats[:bcut])
+                self._store(tele[cut:], beats[bcut:])
+                return
+            log.exception("failed to store a message on %r", (tele or beats)[0][0][:200])
             self._count("internal_error", len(tele) + len(beats))
         else:
             stored = 0
@@ -137,8 +179,22 @@ class Service:
                 self.stats["telemetry_stored"] += stored
                 self.stats["heartbeats"] += len(beats)
                 self.stats["batches"] += 1
-        tele.clear()
-        beats.clear()
+
+    def merge_counts(self, stats: dict[str, int], rejected: dict[str, int]) -> None:
+        """Add counters from an ingest worker process (``server.ingest``) to this server's."""
+        with self._lock:
+            self.stats.update(stats)
+            self._rejected.update(rejected)
+
+    def known_device(self, device_id: str) -> bool:
+        """True once the device has sent a status (remembered; the store is asked on a miss)."""
+        return self._known(device_id)
+
+    def remember_devices(self) -> int:
+        """Learn every stored device at once (an ingest worker's start: one query, not one per device)."""
+        ids = self.store.device_ids()
+        self._known_devices.update(ids)
+        return len(ids)
 
     def _count(self, reason: str, n: int = 1) -> None:
         with self._lock:
@@ -203,11 +259,11 @@ class Service:
                          msg.state, msg.detail)
             elif route.kind is DeviceTopic.FETCH:
                 self.store.touch(device_id, now)
-                self._serve_fetch(device_id, msg)
+                self._serve_fetch(device_id, msg, now)
         except NotFound as exc:  # deleted between the check and the write
             raise Rejected("unknown_device", str(exc)) from None
 
-    def _serve_fetch(self, device_id: str, msg: messages.Fetch) -> None:
+    def _serve_fetch(self, device_id: str, msg: messages.Fetch, received: datetime | None = None) -> None:
         desired = self.store.desired(device_id)
         if desired is None or desired.artifact != msg.artifact:
             raise Rejected("not_desired", f"{device_id} asked for artifact {msg.artifact[:12]}…, "
@@ -218,13 +274,60 @@ class Service:
         if bad:
             raise Rejected("bad_index", f"{device_id} asked for chunks {bad[:5]} of "
                                         f"{msg.artifact[:12]}…, which has {count}")
+        # Fan-out: while several devices download this artifact, each chunk goes once to the
+        # artifact topic (every downloading agent subscribes to it before its first Fetch)
+        # instead of once per device. For a chunk already broadcast:
+        # * after this device's first Fetch *arrived* (so it was subscribed by then): less than
+        #   fanout_window_s ago it is on its way and is not sent again; later, the device lost it
+        #   (a stall re-request) and it goes to that device alone: repair;
+        # * before this device joined: less than fanout_window_s ago it goes to that device alone
+        #   (devices trickling in), else it is broadcast again (a new wave of devices).
+        now = self.clock().timestamp()
+        arrived = received.timestamp() if received is not None else now
+        window = self.config.fanout_window_s
+        wave = self._wave(msg.artifact, device_id, arrived, now) if window > 0 else None
+        if wave is not None and len(wave.fetchers) < 2:
+            wave = None  # one device downloading: plain per-device chunks
+        broadcast = unicast = skipped = nbytes = 0
         with open(self.config.artifact_path(msg.artifact), "rb") as f:
             for index in msg.indexes:
+                last = wave.sent.get(index) if wave is not None else None
+                if wave is not None and last is not None:
+                    fresh, subscribed = now - last < window, last >= wave.fetchers[device_id][0]
+                    if fresh and subscribed:
+                        skipped += 1
+                        continue
+                    if not fresh and not subscribed:
+                        last = None  # broadcast it again
                 f.seek(index * chunk_size)
-                data = f.read(chunk_size)
-                self.publisher.publish(topics.chunks(device_id),
-                                       frames.Chunk(msg.artifact, index, count, data).encode(), qos=1)
-        log.debug("sent %d chunks of %s to %s", len(msg.indexes), msg.artifact[:12], device_id)
+                payload = frames.Chunk(msg.artifact, index, count, f.read(chunk_size)).encode()
+                if wave is not None and last is None:
+                    self.publisher.publish(topics.artifact_chunks(msg.artifact), payload, qos=1)
+                    wave.sent[index] = now
+                    broadcast += 1
+                else:
+                    self.publisher.publish(topics.chunks(device_id), payload, qos=1)
+                    unicast += 1
+                nbytes += len(payload)
+        with self._lock:
+            self.stats["chunks_broadcast"] += broadcast
+            self.stats["chunks_unicast"] += unicast
+            self.stats["chunk_bytes_sent"] += nbytes
+            self.stats["chunks_not_resent"] += skipped
+        log.debug("chunks of %s for %s: %d broadcast, %d to it alone, %d already broadcast",
+                  msg.artifact[:12], device_id, broadcast, unicast, skipped)
+
+    def _wave(self, artifact: str, device_id: str, arrived: float, now: float) -> _Wave:
+        """Record a Fetch of ``device_id`` for ``artifact``; forget devices that stopped fetching."""
+        for a in list(self._waves):
+            w = self._waves[a]
+            w.fetchers = {d: t for d, t in w.fetchers.items() if now - t[1] < FANOUT_IDLE_S}
+            if not w.fetchers:
+                del self._waves[a]
+        wave = self._waves.setdefault(artifact, _Wave())
+        first = wave.fetchers.get(device_id, (arrived, arrived))[0]
+        wave.fetchers[device_id] = (first, arrived)
+        return wave
 
     def sweep(self, now: datetime | None = None) -> list[str]:
         """Mark devices silent for longer than the heartbeat timeout offline."""
@@ -265,12 +368,74 @@ class Service:
 
     # -- deployments ---------------------------------------------------------------------------
 
-    def create_deployment(self, artifact: str, selector: str) -> dict[str, Any]:
-        dep = self.store.create_deployment(artifact, selector, self.config.chunk_size, self.clock())
+    def create_deployment(self, artifact: str, selector: str, strategy: Strategy | None = None,
+                          gates: Gates | None = None, *, service: str | None = None,
+                          replicas: int | None = None, stage_map: dict[str, int] | None = None) -> dict[str, Any]:
+        """Deploy to the selected devices: at once, or with a ``strategy`` as a gated rollout
+        (``server.rollouts``). Either way it supersedes unfinished rollouts on those devices.
+
+        A pipeline bundle, or ``service`` / ``replicas`` / ``stage_map``, makes it a service on
+        shared topics: ``server.placement`` chooses the devices and each one's stage, and the
+        deployment targets exactly those devices (``device:a,b,...``).
+        """
+        manifest = self._manifest(artifact)
+        roles: placement.Placement | None = None
+        if manifest is not None and placement.is_service(manifest, service, replicas, stage_map):
+            if strategy is not None:
+                raise DeployError("pipelines and replica services are deployed at once: a gated rollout of "
+                                  "a service is not supported yet (drop the strategy)")
+            roles = self._place(manifest, selector, service, replicas, stage_map)
+            selector = "device:" + ",".join(roles.roles)
+        if strategy is not None:
+            return self.rollouts.create(artifact, selector, strategy, gates or Gates(), manifest=manifest)
+        # a bundle with variants: each device gets the one its profile prefers (server.variants)
+        variant_roles, choices = variant_roles_for(self.store, manifest) if roles is None else (None, {})
+        dep = self.store.create_deployment(artifact, selector, self.config.chunk_size, self.clock(),
+                                           roles=(lambda _targets: roles.roles) if roles is not None else variant_roles)
+        if roles is not None:
+            dep["service"] = {"name": roles.service, "stages": roles.stages, "replicas": roles.replicas,
+                              "why": roles.why}
+        if choices:
+            dep["variants"] = {d: c.to_dict() for d, c in choices.items()}
+        self.rollouts.supersede(dep["targets"], by=dep["id"])
         self.publish_desired(dep["targets"])
         log.info("deployment %s: %s %s to %s", dep["id"], dep["name"], dep["version"],
                  ", ".join(dep["targets"]))
         return dep
+
+    def _manifest(self, artifact: str) -> dict[str, Any] | None:
+        """The stored artifact's manifest (verified at upload), or None if there is no such file."""
+        if not re.fullmatch(r"[0-9a-f]{64}", artifact):
+            return None
+        path = self.config.artifact_path(artifact)
+        try:
+            with zipfile.ZipFile(path) as zf:
+                data = json.loads(zf.read("manifest.json"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise BundleError(f"stored artifact {artifact[:12]}… is unreadable: {exc}") from None
+        return data if isinstance(data, dict) else None
+
+    def _place(self, manifest: dict[str, Any], selector: str, service: str | None, replicas: int | None,
+               stage_map: dict[str, int] | None) -> placement.Placement:
+        from sdk.protocol.profiles import load_profiles
+
+        ids = set(self.store.resolve(selector))
+        devices = [placement.Candidate(d["id"], bool(d["online"]), d.get("profile") or "")
+                   for d in self.store.devices() if d["id"] in ids]
+        try:
+            profiles = load_profiles()
+        except Exception as exc:  # a broken profile file must not stop deployments
+            log.warning("device profiles unavailable (%s); every device counts as speed factor 1", exc)
+            profiles = {}
+
+        def speed_of(name: str) -> float | None:
+            p = profiles.get(name)
+            return p.speed_factor if p is not None else None
+
+        return placement.place(manifest, devices, service=service, replicas=replicas, stage_map=stage_map,
+                               speed_of=speed_of, selector=selector)
 
     def publish_desired(self, device_ids: list[str]) -> None:
         """Publish (retained) the stored desired state of these devices."""
@@ -306,6 +471,21 @@ class Service:
 
     def device_detail(self, device_id: str, window_s: float = 86400.0) -> dict[str, Any]:
         return self.store.device_detail(device_id, window_s, self.clock())
+
+    # -- device credentials --------------------------------------------------------------------
+
+    def enroll(self, device_id: str) -> dict[str, Any]:
+        """New broker credentials for a device; the password is in this answer and nowhere else."""
+        password, applied = self.accounts.enroll(device_id)
+        note = ("the broker has taken them: the device can connect now" if applied else
+                f"the broker does not read them yet: copy {self.accounts.passwd_path} and "
+                f"{self.accounts.acl_path} to it and reload it (or run --broker local --secure)")
+        return {"device_id": device_id, "username": device_id, "password": password,
+                "broker_url": self.broker_url, "applied": applied, "note": note}
+
+    def revoke(self, device_id: str) -> dict[str, Any]:
+        applied = self.accounts.revoke(device_id)
+        return {"device_id": device_id, "revoked": True, "applied": applied}
 
     def add_feedback(self, labels: list[tuple[str, int]]) -> dict[str, int]:
         return self.store.add_feedback(labels, self.clock())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,14 +44,23 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sdk.protocol import drift, histogram, messages
 from sdk.protocol.errors import DeployError, EdgeError
 from sdk.protocol.topics import valid_id
 
-from .health import Avail, Tele, add_labels, availability, drift_psi, merged, performance
+from .health import (
+    Avail,
+    Tele,
+    add_labels,
+    availability,
+    drift_psi,
+    merged,
+    performance,
+    stage_health,
+)
 
 UTC = UTC
 #: Windows up to this long are answered from raw aggregates; longer ones from hourly rollups.
@@ -59,6 +69,11 @@ PENDING = "pending"
 SUPERSEDED = "superseded"
 #: Deployment states after which a newer deployment does not rewrite the old one's row.
 FINAL_STATES = ("active", "failed")
+#: Target states of a rollout: in a later wave, not told yet; returned to its previous
+#: deployment by a rollback; never told because the rollout ended before its wave.
+WAITING, ROLLED_BACK, SKIPPED = "waiting", "rolled_back", "skipped"
+#: States a newer deployment leaves as they are (the target's story is over).
+ENDED_STATES = (SUPERSEDED, ROLLED_BACK, SKIPPED)
 
 
 def utcnow() -> datetime:
@@ -158,6 +173,27 @@ class DeploymentTarget(Base):
 
 #: The columns of DeploymentTarget that ``create_deployment(roles=...)`` may set per device.
 ROLE_FIELDS = ("file", "service", "stage", "stages")
+
+
+class RolloutRow(Base):
+    """A gated deployment (canary -> waves): the rollout engine's state (``server.rollout``) as
+    JSON plus the columns operators query. ``revision`` guards against lost updates."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id"), index=True, unique=True)
+    artifact: Mapped[str] = mapped_column(String(64))
+    phase: Mapped[str] = mapped_column(String(32), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: ``Rollout.to_dict()``.
+    state: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: Each target's deployment before this rollout (its desired state again after a rollback).
+    previous: Mapped[dict[str, str | None]] = mapped_column(JSON)
+    #: Which variant each device runs and why, the latency SLO moves (``server.variants``).
+    variants: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 class ConnectionSession(Base):
@@ -273,6 +309,28 @@ class EventRow(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
+class StageTelemetryRow(Base):
+    """``Telemetry.stage`` of an interval: where a service stage's time went (pipelines, replicas).
+    Written only for devices that serve a service; read by ``fleet_health`` (raw retention)."""
+
+    __tablename__ = "stage_telemetry"
+    __table_args__ = (Index("ix_stage_telemetry_device_received", "device_id", "received_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    service: Mapped[str] = mapped_column(String(64))
+    stage: Mapped[int] = mapped_column(Integer)
+    stages: Mapped[int] = mapped_column(Integer)
+    count: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    timed: Mapped[int] = mapped_column(BigInteger)
+    transfer_ms: Mapped[float] = mapped_column(Float)
+    wait_ms: Mapped[float] = mapped_column(Float)
+    compute_ms: Mapped[float] = mapped_column(Float)
+    forward_ms: Mapped[float] = mapped_column(Float)
+
+
 # ---------------------------------------------------------------------------------------------
 # Pure helpers (no database): message -> row, selector grammar, interval math.
 
@@ -317,13 +375,82 @@ def _raw_insert_sql(conn: Connection, rows: int) -> str:
             "ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq")
 
 
-def _upsert_sql(conn: Connection, table: Table, keys: Sequence[str], sums: Sequence[str]) -> str:
-    """INSERT .. ON CONFLICT (keys) DO UPDATE SET col = col + excluded.col (SQLite and PostgreSQL)."""
+#: PostgreSQL types of ``_RAW_COLS``: a batch goes in as one JSON document (see _upsert_sql).
+_RAW_PG_TYPES = ("varchar", "bigint", "timestamp", "float8", "bigint", "bigint", "json", "float8", "float8",
+                 "bigint", "varchar", "varchar", "json")
+
+
+def _jsonb_rows(types: Sequence[str]) -> str:
+    """``SELECT`` typed columns out of a JSON array of row arrays (PostgreSQL; the parameter
+    ``%s`` is the document). The driver passes one string for the whole batch and the server
+    splits it in C: the cheapest way found to move thousands of wide rows from Python (per-row
+    parameters or per-column arrays cost psycopg 2-4x more Python time). JSON null is SQL NULL."""
+    cols = ", ".join(f"NULLIF(r->{i}, 'null'::jsonb)::json" if t == "json" else f"(r->>{i})::{t}"
+                     for i, t in enumerate(types))
+    return f"SELECT {cols} FROM jsonb_array_elements(%s::jsonb) AS r"
+
+
+def _raw_insert_pg() -> str:
+    return (f"INSERT INTO telemetry ({', '.join(chr(34) + c + chr(34) for c in _RAW_COLS)}) "
+            f"{_jsonb_rows(_RAW_PG_TYPES)} ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq")
+
+
+def _upsert_sql(conn: Connection, table: Table, keys: Sequence[str], sums: Sequence[str],
+                pg_types: Sequence[str] | None = None) -> str:
+    """INSERT .. ON CONFLICT (keys) DO UPDATE SET col = col + excluded.col (SQLite and PostgreSQL).
+
+    With ``pg_types`` (PostgreSQL only) the statement takes all rows as one JSON document
+    (:func:`_jsonb_rows`); without, one row of parameters (for ``executemany``).
+    """
     cols = ", ".join(f'"{c}"' for c in (*keys, *sums))
-    marks = ", ".join([_mark(conn)] * (len(keys) + len(sums)))
-    return (f"INSERT INTO {table.name} ({cols}) VALUES ({marks}) "
+    if pg_types is not None:
+        source = _jsonb_rows(pg_types)
+    else:
+        source = f"VALUES ({', '.join([_mark(conn)] * (len(keys) + len(sums)))})"
+    return (f"INSERT INTO {table.name} ({cols}) {source} "
             f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET "
             + ", ".join(f'"{c}" = {table.name}."{c}" + excluded."{c}"' for c in sums))
+
+
+def _pg_doc(rows: Iterable[Sequence[Any]]) -> str:
+    """Rows for :func:`_jsonb_rows`: datetimes (naive UTC) as ISO text, the rest as JSON."""
+    return json.dumps([[v.isoformat(" ") if isinstance(v, datetime) else v for v in row] for row in rows],
+                      separators=(",", ":"), allow_nan=False)
+
+
+def _device_update_sql(conn: Connection) -> str:
+    """Per device: ``last_seen`` only moves forward, ``health`` only to a newer report, so batches
+    stored out of order (several ingest workers) never move either back."""
+    if conn.dialect.name == "postgresql":
+        newer = "%(hat)s::timestamp IS NOT NULL AND (health_at IS NULL OR health_at < %(hat)s::timestamp)"
+        return (f"UPDATE devices SET last_seen = GREATEST(last_seen, %(seen)s::timestamp), "
+                f"health = CASE WHEN {newer} THEN %(h)s::json ELSE health END, "
+                f"health_at = CASE WHEN {newer} THEN %(hat)s::timestamp ELSE health_at END WHERE id = %(id)s")
+    newer = "?3 IS NOT NULL AND (health_at IS NULL OR health_at < ?3)"
+    return (f"UPDATE devices SET last_seen = MAX(last_seen, ?1), health = CASE WHEN {newer} THEN ?2 ELSE health END, "
+            f"health_at = CASE WHEN {newer} THEN ?3 ELSE health_at END WHERE id = ?4")
+
+
+def _select_in(conn: Connection, head: str, column: str, values: list[str], extra: str = "") -> list[Any]:
+    """``head WHERE column IN values [AND extra]``: PostgreSQL gets one array parameter (a
+    thousand-item IN list cost psycopg more to parse than the database to answer)."""
+    if conn.dialect.name == "postgresql":
+        cond = f"{column} = ANY(%s)"
+        params: tuple[Any, ...] = (values,)
+    else:
+        cond = f"{column} IN ({', '.join([_mark(conn)] * len(values))})"
+        params = tuple(values)
+    return conn.exec_driver_sql(f"{head} WHERE {cond}" + (f" AND {extra}" if extra else ""), params).all()
+
+
+#: Times a batch is tried when the database reports a transient conflict (a deadlock between
+#: ingest workers on PostgreSQL, a lock held past the busy timeout on SQLite).
+INGEST_ATTEMPTS = 5
+
+
+def _transient(exc: OperationalError) -> bool:
+    code = getattr(exc.orig, "sqlstate", None)
+    return code in ("40P01", "40001") or "database is locked" in str(exc.orig)
 
 
 SELECTOR_GRAMMAR = "all | device:ID[,ID...] | group:G | label:KEY=VALUE"
@@ -452,6 +579,10 @@ class Store:
         with self._session() as s:
             return s.get(Device, device_id) is not None
 
+    def device_ids(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.scalars(select(Device.id)))
+
     def _open_session(self, s: Session, device_id: str) -> ConnectionSession | None:
         return s.scalars(select(ConnectionSession).where(
             ConnectionSession.device_id == device_id, ConnectionSession.ended_at.is_(None))
@@ -527,29 +658,48 @@ class Store:
         order. Raw rows, hourly rollups (latency buckets and drift bins are added up in SQL with
         an upsert), predictions, the devices' ``last_seen``/health and their connection
         sessions are all written here; heartbeats only touch the device and detect restarts.
+
+        Several writers may ingest at once (``--ingest-workers``, replicas): rows that lock
+        (rollups, devices) are written in key order, so two batches wait for each other instead
+        of deadlocking, and a transient conflict retries the whole batch (it is idempotent).
         """
         if not telemetry and not heartbeats:
             return []
+        for attempt in range(INGEST_ATTEMPTS):
+            try:
+                return self._ingest(telemetry, heartbeats)
+            except OperationalError as exc:
+                if attempt == INGEST_ATTEMPTS - 1 or not _transient(exc):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _ingest(self, telemetry: Sequence[tuple[str, messages.Telemetry, datetime]],
+                heartbeats: Sequence[tuple[str, messages.Heartbeat, datetime]]) -> list[str]:
         ids = sorted({d for d, _, _ in telemetry} | {d for d, _, _ in heartbeats})
         with self.engine.begin() as conn:
-            known = {r.id: r for r in conn.execute(select(
-                Device.id, Device.last_seen, Device.uptime_s).where(Device.id.in_(ids)))}
+            pg = conn.dialect.name == "postgresql"
+            known = {r.id: r for r in _select_in(conn, "SELECT id, uptime_s FROM devices", "id", ids)}
             statuses = [STORED if d in known else UNKNOWN for d, _, _ in telemetry]
-            # One multi-row INSERT .. ON CONFLICT DO NOTHING RETURNING per chunk: the database
-            # says which rows are new (redeliveries, duplicates inside the batch and rows another
-            # replica stored first are skipped), and only those go into the rollups.
+            # INSERT .. ON CONFLICT DO NOTHING RETURNING: the database says which rows are new
+            # (redeliveries, duplicates inside the batch and rows another writer stored first
+            # are skipped), and only those go into the rollups. SQLite: multi-row VALUES per
+            # chunk; PostgreSQL: one statement over arrays (see _upsert_sql).
             candidates = [(i, d, m, at) for i, (d, m, at) in enumerate(telemetry) if d in known]
             inserted: set[tuple[str, int]] = set()
             dt = _dt_param(conn)
-            for c in range(0, len(candidates), RAW_CHUNK):
-                part = candidates[c:c + RAW_CHUNK]
-                params: list[Any] = []
-                for _, d, m, at in part:
-                    params.extend((d, m.seq, dt(at), m.interval_s, m.count, m.errors, _json(m.latency_hist),
-                                   m.latency_sum_ms, m.cpu_percent, m.rss_bytes, m.artifact, m.model_version,
-                                   _json(getattr(m, "health", None))))
-                sql = _raw_insert_sql(conn, len(part))
-                inserted.update((r[0], r[1]) for r in conn.exec_driver_sql(sql, tuple(params)))
+            if pg and candidates:
+                doc = json.dumps([(d, m.seq, dt(at).isoformat(" "), m.interval_s, m.count, m.errors, m.latency_hist,
+                                   m.latency_sum_ms, m.cpu_percent, m.rss_bytes, m.artifact, m.model_version, m.health)
+                                  for _, d, m, at in candidates], separators=(",", ":"), allow_nan=False)
+                inserted.update((r[0], r[1]) for r in conn.exec_driver_sql(_raw_insert_pg(), (doc,)))
+            rows = [] if pg else [
+                (d, m.seq, dt(at), m.interval_s, m.count, m.errors, _json(m.latency_hist), m.latency_sum_ms,
+                 m.cpu_percent, m.rss_bytes, m.artifact, m.model_version, _json(m.health)) for _, d, m, at in candidates]
+            for c in range(0, len(rows), RAW_CHUNK):
+                part = rows[c:c + RAW_CHUNK]
+                inserted.update((r[0], r[1]) for r in conn.exec_driver_sql(
+                    _raw_insert_sql(conn, len(part)), tuple(v for row in part for v in row)))
             fresh: list[tuple[str, messages.Telemetry, datetime]] = []
             for i, d, m, at in candidates:
                 if (d, m.seq) in inserted:
@@ -559,26 +709,34 @@ class Store:
                     statuses[i] = DUPLICATE
             if fresh:
                 self._rollup(conn, fresh)
-            # devices: last_seen, health, uptime/restarts; sessions for devices without one
+                staged = [{"device_id": d, "received_at": at, **m.stage} for d, m, at in fresh
+                          if getattr(m, "stage", None)]
+                if staged:
+                    conn.execute(insert(StageTelemetryRow.__table__), staged)
+            # devices (in id order): last_seen, the newest health; then uptime/restarts, sessions
             seen: dict[str, datetime] = {}
-            for d, _, at in (*((d, m, a) for d, m, a in fresh), *heartbeats):
+            health: dict[str, tuple[dict[str, Any], datetime]] = {}
+            for d, m, at in fresh:
+                if d not in seen or at > seen[d]:
+                    seen[d] = at
+                if m.health is not None and (d not in health or at > health[d][1]):
+                    health[d] = (m.health, at)
+            for d, _, at in heartbeats:
                 if d in known and (d not in seen or at > seen[d]):
                     seen[d] = at
-            dt = _dt_param(conn)
-            updates = [(dt(at), d) for d, at in seen.items() if at > known[d].last_seen]
-            if updates:
-                mark = _mark(conn)
-                conn.exec_driver_sql(f"UPDATE devices SET last_seen = {mark} WHERE id = {mark}", updates)  # type: ignore[arg-type]
-            health = {d: (m.health, at) for d, m, at in fresh if getattr(m, "health", None) is not None}
-            if health:
-                conn.execute(update(Device.__table__).where(Device.__table__.c.id == bindparam("b_id"))
-                             .values(health=bindparam("b_health"), health_at=bindparam("b_at")),
-                             [{"b_id": d, "b_health": h, "b_at": at} for d, (h, at) in health.items()])
+            if seen:
+                updates = []
+                for d in sorted(seen):
+                    h, hat = health.get(d, (None, None))
+                    hat_p = dt(hat) if hat is not None else None
+                    updates.append({"id": d, "seen": dt(seen[d]), "h": _json(h), "hat": hat_p} if pg
+                                   else (dt(seen[d]), _json(h), hat_p, d))
+                conn.exec_driver_sql(_device_update_sql(conn), updates)  # type: ignore[arg-type]
             self._heartbeats(conn, [(d, m, at) for d, m, at in heartbeats if d in known], known)
             if seen:
                 cs = ConnectionSession.__table__
-                open_ = set(conn.scalars(select(cs.c.device_id).where(
-                    cs.c.device_id.in_(list(seen)), cs.c.ended_at.is_(None))))
+                open_ = {r[0] for r in _select_in(conn, "SELECT device_id FROM connection_sessions", "device_id",
+                                                  sorted(seen), "ended_at IS NULL")}
                 first: dict[str, datetime] = {}
                 for d, _, at in (*fresh, *heartbeats):
                     if d in seen and d not in open_ and (d not in first or at < first[d]):
@@ -586,7 +744,7 @@ class Store:
                 if first:
                     conn.execute(insert(cs), [{"device_id": d, "started_at": at, "ended_at": None,
                                                "end_reason": None, "connection": ""}
-                                              for d, at in first.items()])
+                                              for d, at in sorted(first.items())])
         return statuses
 
     def _heartbeats(self, conn: Connection, beats: Sequence[tuple[str, messages.Heartbeat, datetime]],
@@ -603,7 +761,7 @@ class Store:
         if uptimes:
             conn.execute(update(Device.__table__).where(Device.__table__.c.id == bindparam("b_id"))
                          .values(uptime_s=bindparam("b_up")),
-                         [{"b_id": d, "b_up": u} for d, u in uptimes.items()])
+                         [{"b_id": d, "b_up": u} for d, u in sorted(uptimes.items())])
 
     def _rollup(self, conn: Connection, rows: Sequence[tuple[str, messages.Telemetry, datetime]]) -> None:
         """Add a batch's new rows to the hourly rollups, the drift rollups and the predictions."""
@@ -644,18 +802,31 @@ class Store:
             for key, acc in lat.items():
                 acc[4] = summed[slot[key]]
         dt = _dt_param(conn)
+        pg = conn.dialect.name == "postgresql"
+        # In key order (hour, device, ...): concurrent batches lock rollup rows in the same order.
         if lat:
-            rows_ = [(dt(hour), d, art, mv, n, count, errors, sum_ms, *hist.tolist())
-                     for (d, hour, art, mv), (n, count, errors, sum_ms, hist) in lat.items()]
+            order = sorted(lat, key=lambda k: (k[1], k[0], k[2], k[3]))
             sums = ("intervals", "count", "errors", "latency_sum_ms", *BUCKETS)
-            conn.exec_driver_sql(_upsert_sql(conn, hourly, ("hour", "device_id", "artifact", "model_version"), sums),
-                                 rows_)  # type: ignore[arg-type]
+            keys = ("hour", "device_id", "artifact", "model_version")
+            rows_ = [(dt(k[1]), k[0], k[2], k[3], *lat[k][:4], *lat[k][4].tolist()) for k in order]
+            if pg:
+                types = ("timestamp", "varchar", "varchar", "varchar", "bigint", "bigint", "bigint", "float8",
+                         *(["bigint"] * len(BUCKETS)))
+                conn.exec_driver_sql(_upsert_sql(conn, hourly, keys, sums, types), (_pg_doc(rows_),))
+            else:
+                conn.exec_driver_sql(_upsert_sql(conn, hourly, keys, sums), rows_)  # type: ignore[arg-type]
         if dr:
             cols = tuple(c for f in drift.FIELDS for c in DRIFT_COLS[f])
             rows_ = [(dt(hour), d, art, n, *(v for f in drift.FIELDS for v in counts[f].tolist()))
-                     for (d, hour, art), (n, counts) in dr.items()]
-            conn.exec_driver_sql(_upsert_sql(conn, drift_hourly, ("hour", "device_id", "artifact"),
-                                             ("intervals", *cols)), rows_)  # type: ignore[arg-type]
+                     for (d, hour, art), (n, counts) in sorted(dr.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2]))]
+            keys = ("hour", "device_id", "artifact")
+            if pg:
+                types = ("timestamp", "varchar", "varchar", "bigint", *(["bigint"] * len(cols)))
+                conn.exec_driver_sql(_upsert_sql(conn, drift_hourly, keys, ("intervals", *cols), types),
+                                     (_pg_doc(rows_),))
+            else:
+                conn.exec_driver_sql(_upsert_sql(conn, drift_hourly, keys, ("intervals", *cols)),
+                                     rows_)  # type: ignore[arg-type]
             self._grow_baselines(conn, rows)
         if preds:
             conn.execute(insert(Prediction.__table__), preds)
@@ -698,6 +869,8 @@ class Store:
             target = s.get(DeploymentTarget, (msg.deployment_id, device_id))
             if target is None:
                 return False
+            if target.state == ROLLED_BACK:  # a late report of a rolled-back install keeps the story
+                return True
             if msg.state == "failed" and target.state != "failed":
                 s.add(EventRow(device_id=device_id, at=now, kind="deploy_failed",
                                detail=f"{msg.deployment_id}: {msg.detail}"[:2000]))
@@ -801,12 +974,16 @@ class Store:
 
     def create_deployment(self, artifact: str, selector: str, chunk_size: int,
                           now: datetime | None = None, *,
-                          roles: Callable[[list[str]], Mapping[str, Mapping[str, Any]]] | None = None
-                          ) -> dict[str, Any]:
+                          roles: Callable[[list[str]], Mapping[str, Mapping[str, Any]]] | None = None,
+                          staged: bool = False) -> dict[str, Any]:
         """Record a deployment for the selected devices, superseding older ones for them.
 
         ``roles`` maps the resolved target ids to each device's role (``ROLE_FIELDS``: model file,
         service, stage, stages); it may raise DeployError (e.g. too few devices for a pipeline).
+        ``staged`` (a rollout): every target starts ``waiting`` and keeps its current desired
+        state until :meth:`save_rollout` assigns its wave; the answer then also holds
+        ``previous`` and ``previous_artifacts``: each target's deployment (and its artifact)
+        before this one, None if it had none.
         """
         now = now or self.clock()
         sel = parse_selector(selector)
@@ -819,18 +996,35 @@ class Store:
                              chunk_size=chunk_size, created_at=now)
             s.add(dep)
             s.flush()
-            older = s.scalars(select(DeploymentTarget).where(
-                DeploymentTarget.device_id.in_(targets),
-                DeploymentTarget.state.not_in((*FINAL_STATES, SUPERSEDED)))).all()
-            for t in older:
-                t.state, t.detail, t.updated_at = SUPERSEDED, f"superseded by {dep.id}", now
+            previous = {d: dev.deployment_id for d in targets if (dev := s.get(Device, d)) is not None}
+            previous_artifacts = {d: s.get(Deployment, p).artifact if p else None  # type: ignore[union-attr]
+                                  for d, p in previous.items()}
             for device_id in targets:
                 extra = {k: v for k, v in role.get(device_id, {}).items() if k in ROLE_FIELDS}
-                s.add(DeploymentTarget(deployment_id=dep.id, device_id=device_id, state=PENDING,
-                                       detail="", updated_at=now, **extra))
-                s.get(Device, device_id).deployment_id = dep.id  # type: ignore[union-attr]
+                s.add(DeploymentTarget(deployment_id=dep.id, device_id=device_id,
+                                       state=WAITING if staged else PENDING, detail="", updated_at=now, **extra))
             s.flush()
-            return self._deployment_dict(s, dep)
+            if not staged:
+                self._assign(s, dep.id, targets, now)
+            out = self._deployment_dict(s, dep)
+            if staged:
+                out["previous"], out["previous_artifacts"] = previous, previous_artifacts
+            return out
+
+    def _assign(self, s: Session, deployment_id: str, device_ids: Sequence[str], now: datetime) -> None:
+        """Make ``deployment_id`` the desired state of these devices, superseding older ones."""
+        if not device_ids:
+            return
+        older = s.scalars(select(DeploymentTarget).where(
+            DeploymentTarget.device_id.in_(device_ids), DeploymentTarget.deployment_id != deployment_id,
+            DeploymentTarget.state.not_in((*FINAL_STATES, *ENDED_STATES)))).all()
+        for t in older:
+            t.state, t.detail, t.updated_at = SUPERSEDED, f"superseded by {deployment_id}", now
+        for device_id in device_ids:
+            t = s.get(DeploymentTarget, (deployment_id, device_id))
+            if t is not None and t.state != PENDING:  # told now (again, after a change of role)
+                t.state, t.detail, t.updated_at = PENDING, "", now
+            s.get(Device, device_id).deployment_id = deployment_id  # type: ignore[union-attr]
 
     def _deployment_dict(self, s: Session, dep: Deployment) -> dict[str, Any]:
         art = s.get(Artifact, dep.artifact)
@@ -882,6 +1076,146 @@ class Store:
                              .outerjoin(DeploymentTarget, (DeploymentTarget.deployment_id == Deployment.id)
                                         & (DeploymentTarget.device_id == Device.id))).all()
             return [(d, self._desired_msg(dep, a, t)) for d, dep, a, t in rows]
+
+    # -- rollouts ------------------------------------------------------------------------------
+
+    def add_rollout(self, rollout_id: str, deployment_id: str, artifact: str, phase: str,
+                    state: dict[str, Any], previous: Mapping[str, str | None],
+                    now: datetime | None = None, variants: dict[str, Any] | None = None) -> None:
+        now = now or self.clock()
+        with self._session() as s, s.begin():
+            s.add(RolloutRow(id=rollout_id, deployment_id=deployment_id, artifact=artifact, phase=phase,
+                             revision=0, created_at=now, updated_at=now, state=state, previous=dict(previous),
+                             variants=variants or {}))
+
+    @staticmethod
+    def _rollout_dict(row: RolloutRow) -> dict[str, Any]:
+        return {"id": row.id, "deployment_id": row.deployment_id, "artifact": row.artifact, "phase": row.phase,
+                "revision": row.revision, "created_at": iso(row.created_at), "updated_at": iso(row.updated_at),
+                "state": row.state, "previous": dict(row.previous), "variants": dict(row.variants or {})}
+
+    def rollout(self, key: str) -> dict[str, Any]:
+        """A rollout by its id or by its deployment's id."""
+        with self._session() as s:
+            row = s.get(RolloutRow, key) or s.scalars(
+                select(RolloutRow).where(RolloutRow.deployment_id == key)).first()
+            if row is None:
+                raise NotFound(f"rollout {key[:80]!r} is unknown (give a rollout or deployment id)")
+            return self._rollout_dict(row)
+
+    def rollouts(self, phases: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Rollouts, oldest first; only those in ``phases`` when given."""
+        with self._session() as s:
+            q = select(RolloutRow).order_by(RolloutRow.created_at, RolloutRow.id)
+            if phases is not None:
+                q = q.where(RolloutRow.phase.in_(list(phases)))
+            return [self._rollout_dict(r) for r in s.scalars(q)]
+
+    def save_rollout(self, rollout_id: str, revision: int, state: dict[str, Any], phase: str,
+                     now: datetime | None = None, *, assign: Sequence[str] = (),
+                     revert: Mapping[str, str | None] | None = None, revert_detail: str = "",
+                     skip_detail: str | None = None, files: Mapping[str, str] | None = None,
+                     variants: dict[str, Any] | None = None) -> bool:
+        """Store a rollout's new state and carry out its effects on desired states, atomically.
+
+        ``assign``: devices whose desired state becomes the rollout's deployment. ``revert``:
+        device -> its previous deployment, desired again (a device with none keeps the rollout's
+        model); their targets become ``rolled_back`` with ``revert_detail``. ``skip_detail``:
+        targets still ``waiting`` become ``skipped``. ``files``: device -> the model file its
+        target runs from now on (another variant); ``variants`` replaces the variants record.
+        Returns False, changing nothing, when the stored revision is no longer ``revision``
+        (another thread or replica moved it first).
+        """
+        now = now or self.clock()
+        r = RolloutRow.__table__
+        values: dict[str, Any] = {"state": state, "phase": phase, "revision": revision + 1, "updated_at": now}
+        if variants is not None:
+            values["variants"] = variants
+        with self._session() as s, s.begin():
+            moved = s.execute(update(r).where(r.c.id == rollout_id, r.c.revision == revision).values(**values))
+            if moved.rowcount != 1:
+                return False
+            dep_id = s.scalar(select(r.c.deployment_id).where(r.c.id == rollout_id))
+            assert dep_id is not None
+            for device_id, file in (files or {}).items():
+                target = s.get(DeploymentTarget, (dep_id, device_id))
+                if target is not None:
+                    target.file = file
+            self._assign(s, dep_id, list(assign), now)
+            for device_id, prev in (revert or {}).items():
+                dev = s.get(Device, device_id)
+                target = s.get(DeploymentTarget, (dep_id, device_id))
+                if dev is not None and prev is not None and dev.deployment_id == dep_id:
+                    dev.deployment_id = prev
+                if target is not None:
+                    detail = revert_detail if prev is not None else \
+                        f"{revert_detail}; it had no previous model and keeps this one"
+                    target.state, target.detail, target.updated_at = ROLLED_BACK, detail[:2000], now
+            if skip_detail is not None:
+                for t in s.scalars(select(DeploymentTarget).where(
+                        DeploymentTarget.deployment_id == dep_id, DeploymentTarget.state == WAITING)):
+                    t.state, t.detail, t.updated_at = SKIPPED, skip_detail[:2000], now
+        return True
+
+    def target_states(self, deployment_id: str) -> dict[str, tuple[str, str]]:
+        """Each target's reported state and detail for one deployment."""
+        with self._session() as s:
+            rows = s.execute(select(DeploymentTarget.device_id, DeploymentTarget.state, DeploymentTarget.detail)
+                             .where(DeploymentTarget.deployment_id == deployment_id))
+            return {d: (st, det) for d, st, det in rows}
+
+    def cohort_health(self, device_ids: Sequence[str], since: datetime, until: datetime, *,
+                      artifact: str | None = None, other_than: str | None = None) -> dict[str, Any]:
+        """Health of a set of devices over [since, until] from raw telemetry: inferences, errors,
+        p95, availability, accuracy on labelled requests. ``artifact`` keeps only what that model
+        served; ``other_than`` only what any other model served (never intervals without one).
+
+        Only telemetry intervals that lie wholly in the window count: the interval in which a
+        device installed a model is labelled with the new model but also holds the install's
+        work (download, verification, smoke test), which is no fair measure of either model.
+        """
+        out: dict[str, Any] = {"inferences": 0, "errors": 0, "p95_ms": None, "availability": None,
+                               "accuracy": None, "labelled": 0}
+        ids = list(device_ids)
+        if not ids:
+            return out
+        t, p, f = TelemetryRow.__table__.c, Prediction.__table__.c, Feedback.__table__.c
+
+        def models(col: Any) -> list[Any]:
+            if artifact is not None:
+                return [col == artifact]
+            return [col.is_not(None), col != other_than, col != ""] if other_than is not None else []
+
+        with self._session() as s:
+            conn = s.connection()
+            tele = Tele()
+            for at, interval_s, count, errors, sum_ms, hist in conn.execute(
+                    select(t.received_at, t.interval_s, t.count, t.errors, t.latency_sum_ms, t.latency_hist)
+                    .where(t.device_id.in_(ids), t.received_at >= since, t.received_at <= until, *models(t.artifact))):
+                if _aware(at) - timedelta(seconds=interval_s) >= since:  # type: ignore[operator]
+                    tele.add(Tele(1, count, errors, sum_ms, np.asarray(hist, dtype=np.int64)))
+            summ = tele.summary()
+            out.update(inferences=tele.count, errors=tele.errors, p95_ms=summ["p95_ms"])
+            cs = ConnectionSession.__table__.c
+            sessions: dict[str, list[tuple[datetime, datetime | None]]] = {}
+            for d, a, b in conn.execute(select(cs.device_id, cs.started_at, cs.ended_at).where(
+                    cs.device_id.in_(ids), (cs.ended_at.is_(None)) | (cs.ended_at >= since), cs.started_at <= until)):
+                sessions.setdefault(d, []).append((_aware(a), _aware(b)))  # type: ignore[arg-type]
+            avail = Avail()
+            for dev in s.scalars(select(Device).where(Device.id.in_(ids))):
+                avail.add(availability(sessions.get(dev.id, []), dev.first_seen, since, until))
+            out["availability"] = avail.summary()["availability"]
+            labels: dict[int, list[int]] = {}
+            correct = func.sum(case((p.predicted == f.label, 1), else_=0))
+            for label, c, n in conn.execute(
+                    select(f.label, correct, func.count())
+                    .join_from(Prediction.__table__, Feedback.__table__, f.request_id == p.request_id)
+                    .where(p.device_id.in_(ids), p.received_at >= since, p.received_at <= until, *models(p.artifact))
+                    .group_by(f.label)):
+                labels[label] = [int(c), int(n)]
+            perf = performance(labels)
+            out.update(accuracy=perf["accuracy"], labelled=perf["labelled"])
+        return out
 
     # -- health --------------------------------------------------------------------------------
 
@@ -935,6 +1269,7 @@ class Store:
             drifts = {k: v for k, v in self._drift(conn, since, now).items() if k[0] in ids and wanted(k[1], "")}
             baselines = {b.artifact: b.summary for b in s.scalars(
                 select(DriftBaseline).where(DriftBaseline.complete.is_(True)))}
+            stage_of, services = stage_health(r for r in self._stage_stats(conn, since, now) if r[0] in ids)
             dt_ = DeploymentTarget.__table__.c
             targets = {(a, b): st for a, b, st in conn.execute(select(dt_.deployment_id, dt_.device_id, dt_.state))
                        if b in ids}
@@ -968,7 +1303,8 @@ class Store:
                 row = {"id": dev.id, "group": g, "online": any(b is None for _, b in sessions.get(dev.id, [])),
                        "model_version": dev.model_version, "model": dev.model_name,
                        "deployment_state": state, **t.summary(), **av.summary(), "restarts": restarts,
-                       "model_load_failures": failures, **performance(lab), **worst}
+                       "model_load_failures": failures, **performance(lab), **worst,
+                       "stage": stage_of.get(dev.id)}
                 per_device.append(row)
                 acc = groups.setdefault(g or "-", {"tele": Tele(), "avail": Avail(), "labels": {},
                                                    "devices": 0, "online": 0, "restarts": 0, "failures": 0})
@@ -996,7 +1332,7 @@ class Store:
             out: dict[str, Any] = {
                 "window_s": window_s, "generated_at": iso(now), "since": iso(since), "source": source,
                 "by": by, "group": group, "model_filter": model, "devices": per_device,
-                "fleet": group_row({}, fleet)}
+                "fleet": group_row({}, fleet), "services": services}
             if by == "group":
                 out["rows"] = [group_row({"group": g}, acc) for g, acc in sorted(groups.items())]
             elif by == "model":
@@ -1053,6 +1389,19 @@ class Store:
             out[(r[0], r[1], r[2])] = Tele(int(r[3]), int(r[4]), int(r[5]), float(r[6]),
                                            np.asarray(r[7:], dtype=np.int64))
         return out
+
+    def _stage_stats(self, conn: Connection, since: datetime, now: datetime
+                     ) -> list[tuple[str, str, int, int, int, int, int, dict[str, float]]]:
+        """Summed ``Telemetry.stage`` per device and role over the window (raw rows; like the
+        raw aggregates they are kept for the raw retention period)."""
+        t = StageTelemetryRow.__table__.c
+        sums = ("transfer_ms", "wait_ms", "compute_ms", "forward_ms")
+        rows = conn.execute(select(t.device_id, t.service, t.stage, t.stages, func.sum(t.count), func.sum(t.errors),
+                                   func.sum(t.timed), *(func.sum(t[k]) for k in sums))
+                            .where(t.received_at >= since, t.received_at <= now)
+                            .group_by(t.device_id, t.service, t.stage, t.stages))
+        return [(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]),
+                 {k: float(v or 0.0) for k, v in zip(sums, r[7:], strict=True)}) for r in rows]
 
     def _labelled(self, conn: Connection, since: datetime, now: datetime
                   ) -> dict[tuple[str, str, str], dict[int, list[int]]]:
@@ -1178,6 +1527,7 @@ class Store:
         raw_cut, roll_cut = now - timedelta(seconds=raw_s), now - timedelta(seconds=rollup_s)
         cs = ConnectionSession.__table__
         plan = [(TelemetryRow.__table__, TelemetryRow.__table__.c.received_at < raw_cut),
+                (StageTelemetryRow.__table__, StageTelemetryRow.__table__.c.received_at < raw_cut),
                 (Prediction.__table__, Prediction.__table__.c.received_at < raw_cut),
                 (Feedback.__table__, Feedback.__table__.c.received_at < raw_cut),
                 (hourly, hourly.c.hour < floor_hour(roll_cut)),

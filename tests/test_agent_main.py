@@ -34,12 +34,14 @@ def test_bad_arguments_exit_2_with_one_line(argv: list[str], capsys: pytest.Capt
     ("mqtt://127.0.0.1:1884", ("127.0.0.1", 1884)),
     ("mqtt://broker.local", ("broker.local", 1883)),
     ("mqtt://[::1]:2000", ("::1", 2000)),
+    ("mqtts://broker.local", ("broker.local", 8883)),  # TLS
+    ("mqtts://h:8884", ("h", 8884)),
 ])
 def test_broker_url(url: str, expected: tuple[str, int]) -> None:
     assert parse_broker_url(url) == expected
 
 
-@pytest.mark.parametrize("url", ["mqtts://h:8883", "h:1883", "mqtt://", "mqtt://h:99999",
+@pytest.mark.parametrize("url", ["ws://h:8883", "h:1883", "mqtt://", "mqtt://h:99999",
                                  "mqtt://u:p@h", "mqtt://h/path"])
 def test_bad_broker_url(url: str) -> None:
     with pytest.raises(ValueError, match="broker URL"):

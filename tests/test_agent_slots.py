@@ -137,3 +137,25 @@ def test_stale_downloads_are_removed(tmp_path: Path) -> None:
     part.write_bytes(b"half")
     d.clean_downloads()
     assert not part.exists()
+
+
+def test_the_previous_slot_is_reactivated_by_one_state_write(tmp_path: Path) -> None:
+    d = DataDir(tmp_path)
+    b1, m1 = make_bundle(tmp_path, "1")
+    b2, m2 = make_bundle(tmp_path, "2")
+    assert d.previous(m1.artifact) is None  # nothing installed yet
+    d.activate(b1, m1)
+    d.activate(b2, m2)
+    assert d.previous(m2.artifact) is None  # the active one is not "previous"
+    prev = d.previous(m1.artifact)
+    assert prev is not None and prev.slot == "a" and prev.bundle.sha256 == m1.artifact
+    back = ActiveModel(deployment_id="dep-back", artifact=m1.artifact, name="m", version="1")
+    assert d.reactivate_previous(back) == "a"
+    st = json.loads(d.state_path.read_text())
+    assert (st["active_slot"], st["previous_slot"]) == ("a", "b")
+    assert st["active"]["deployment_id"] == "dep-back" and st["previous"]["artifact"] == m2.artifact
+    assert d.slot_path("a").read_bytes() == b1 and d.slot_path("b").read_bytes() == b2  # nothing rewritten
+    loaded = DataDir(tmp_path).load()
+    assert loaded is not None and loaded.model == back
+    d.slot_path("b").write_bytes(b"garbage")
+    assert d.previous(m2.artifact) is None  # unusable: the caller downloads instead

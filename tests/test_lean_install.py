@@ -144,6 +144,10 @@ def test_the_lean_venv_holds_only_numpy_paho_and_a_runtime(
              "print(json.dumps({'mods': sorted({m.split('.')[0] for m in sys.modules}), 'agent': agent.__file__,"
              " 'backend': b.module, 'version': b.version(), 'numpy': numpy.__version__}))")
     got = json.loads(_run(venv.python, probe, tmp_path))
+    # Signature checks (--trusted-key) work in the lean venv: cryptography is part of the extra.
+    kid = _run(venv.python, "from sdk.protocol import signing; _, pub = signing.generate_keys('keys'); "
+                            "print(next(iter(signing.trusted_keys([pub]))))", tmp_path)
+    assert len(kid) == 16, kid
     assert str(venv.path) in got["agent"], "the agent must come from the venv, not the work tree"
     assert not set(got["mods"]) & set(HEAVY), set(got["mods"]) & set(HEAVY)
     assert got["backend"] == runtime

@@ -114,3 +114,54 @@ def test_impossible_requests_are_clear_errors(residual_model: Path, tmp_path: Pa
                               "--devices", "raspberry-pi-4"])
     assert res.exit_code == 1 and "names 1 profile(s) for 2 stage(s)" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_int8_pipelines_need_a_calibration_set(residual_model: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["partition", str(residual_model), "-o", str(tmp_path / "x"), "--stages", "2",
+                                   "--quantize", "int8"])
+    assert res.exit_code == 1 and "need a calibration set" in res.output and not (tmp_path / "x").exists()
+
+
+def test_int8_stages_are_calibrated_per_stage_and_keep_the_float_top1(digits, tmp_path: Path) -> None:
+    """The digits CNN is a Sequential model (its layers carry extra Keras call records): it
+    partitions too. Each int8 stage has its own quantization parameters; between stages the
+    tensors are int8, to and from the caller float32, and the top-1 class is the float model's."""
+    out = tmp_path / "int8.bundle"
+    res = CliRunner().invoke(app, ["partition", str(digits.model), "-o", str(out), "--stages", "3", "--quantize", "int8",
+                                   "--calibration", str(digits.calibration), "--eval", str(digits.eval),
+                                   "--runs", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["quantization"] == "int8" and report["eval_rows"] == 360 and report["top1_agreement"] >= 0.99
+    b = read_bundle(out)
+    pipe = b.manifest["pipeline"]
+    assert b.manifest["quantization"] == "int8" and pipe["top1_agreement"] == report["top1_agreement"]
+    for s in pipe["stages"]:
+        for spec in (*s["inputs"], *s["outputs"]):
+            assert spec["dtype"] == "int8" and spec["quantization"][0] > 0, spec
+        m = TFLiteModel(b.files[s["file"]])
+        check_sample(m, *(npy_to_tensor(b.files[s["sample"][k]]) for k in ("input", "output")),
+                     s["sample"]["atol"], s["sample"]["rtol"])
+    scales = [(s["outputs"][0]["quantization"], n["inputs"][0]["quantization"])
+              for s, n in itertools.pairwise(pipe["stages"])]
+    assert any(a != b_ for a, b_ in scales), "stages calibrated on their own inputs rarely agree on scales exactly"
+    assert pipe["input"]["dtype"] == "float32" and pipe["output"]["dtype"] == "float32"
+    x = np.load(digits.eval)["x"].astype(np.float32)
+    got = run_pipeline(b, x)
+    assert got.dtype == np.float32 and got.shape == (360, 10)
+    import keras
+
+    ref = keras.models.load_model(digits.model)(x).numpy()
+    assert np.mean(np.argmax(got, -1) == np.argmax(ref, -1)) >= 0.99
+    out_bytes = [s["out_bytes"] for s in pipe["plan"]["stages"]]
+    assert out_bytes[0] == int(np.prod(pipe["stages"][0]["outputs"][0]["shape"][1:]))  # one byte per int8 value
+
+
+def test_a_quantized_pipeline_below_the_agreement_floor_is_refused(digits, tmp_path: Path) -> None:
+    from sdk.partition import partition
+
+    cal = np.load(digits.calibration)["x"]
+    with pytest.raises(CompressionError, match=r"top-1 class on only .* of 200 rows \(need 101%\)"):
+        partition(digits.model, tmp_path / "x.bundle", stages=2, quantize="int8", calibration=cal, runs=2,
+                  min_top1_agreement=1.01)
+    assert not (tmp_path / "x.bundle").exists()

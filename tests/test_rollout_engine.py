@@ -201,3 +201,27 @@ def test_rollback_scope_wave_reverts_only_the_failing_wave() -> None:
     assert r.wave == 1
     r, acts = step(r, Observation(now=2, device_states={"d1": "failed", "d2": "active", "d3": "active"}))
     assert r.phase == Phase.ROLLED_BACK and acts == [Revert((("d1", "old"), ("d2", "old"), ("d3", "old")))]
+
+
+def test_a_sub_millisecond_p95_change_is_noise_not_a_regression() -> None:
+    base = Health(inferences=500, errors=0, p95_ms=0.10, availability=1.0)
+    tiny = {g.gate: g for g in evaluate_gates(Gates(), Health(inferences=500, p95_ms=0.25, availability=1), base)}
+    assert tiny["p95_latency"].passed and "passed: only +0.15 ms (< 0.5 ms)" in tiny["p95_latency"].detail
+    strict = {g.gate: g for g in evaluate_gates(Gates(min_p95_increase_ms=0), Health(inferences=500, p95_ms=0.25,
+                                                                                      availability=1), base)}
+    assert not strict["p95_latency"].passed
+
+
+def test_a_quiet_wave_soaks_longer_but_never_wedges() -> None:
+    r = new_rollout("r1", "new", DEVICES[:2], PREV, Strategy(canary=0, waves=(), soak_s=10, max_soak_factor=3))
+    r, _ = step(r, Observation(now=0))
+    r, _ = step(r, Observation(now=1, device_states=states(DEVICES[:2], "active")))
+    quiet = Health(inferences=5, errors=0, p95_ms=50.0, availability=1.0)
+    r2, acts = step(r, Observation(now=11, wave_health=quiet, baseline=BASE))
+    assert r2.phase == Phase.SOAKING and acts == []  # 5 < 20 inferences: not judged yet
+    r3, _ = step(r, Observation(now=20, wave_health=Health(inferences=40, p95_ms=50.0, availability=1.0), baseline=BASE))
+    assert r3.phase == Phase.ROLLED_BACK  # enough traffic arrived: judged (and 10x slower)
+    r4, _ = step(r, Observation(now=31, wave_health=quiet, baseline=BASE))
+    assert r4.phase == Phase.COMPLETED and "not judged: 5 inferences" in r4.gate_results[0].detail
+    with pytest.raises(RolloutError):
+        Strategy(max_soak_factor=0.5)

@@ -163,6 +163,11 @@ class Mqtt:
         self.client.loop_stop()
 
 
+def auth(server: ServerProcess) -> dict[str, str]:
+    """The bearer token the server created in its data dir at first start."""
+    return {"authorization": f"Bearer {(server.data / 'api-token').read_text().strip()}"}
+
+
 def device_of(http: httpx.Client, device_id: str) -> dict[str, Any] | None:
     r = http.get(f"/v1/devices/{device_id}")
     return r.json() if r.status_code == 200 else None
@@ -181,7 +186,7 @@ def test_server_process_end_to_end(mosquitto: Any, start_server: Callable[..., S
     assert (server.data / "server.json").exists()
     dev = f"pi-{uuid.uuid4().hex[:8]}"
     client = Mqtt(mosquitto.url)
-    with httpx.Client(base_url=ready["http"], timeout=10) as http:
+    with httpx.Client(base_url=ready["http"], timeout=10, headers=auth(server)) as http:
         try:
             info = http.get("/v1/info").json()
             assert (info["version"], info["http_url"], info["broker_url"]) == ("0.1.0", ready["http"], mosquitto.url)
@@ -291,7 +296,7 @@ def test_local_broker_is_started_supervised_and_stopped(start_server: Callable[.
     pid_file = server.data / "broker" / "mosquitto.pid"
     pid = int(pid_file.read_text())
     dev = f"pi-{uuid.uuid4().hex[:8]}"
-    with httpx.Client(base_url=ready["http"], timeout=10) as http:
+    with httpx.Client(base_url=ready["http"], timeout=10, headers=auth(server)) as http:
         client = Mqtt(ready["broker"])
         try:
             client.publish(topics.status(dev), status("online"), retain=True)

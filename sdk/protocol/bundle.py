@@ -104,6 +104,31 @@ def _check_sample(sample: Any, files: dict[str, Any], where: str) -> None:
           f"{where}.atol and {where}.rtol must be numbers")
 
 
+def _check_io(specs: Any, where: str) -> None:
+    _need(isinstance(specs, list) and len(specs) >= 1, f"{where} must be a non-empty list")
+    for s in specs:
+        _need(isinstance(s, dict) and isinstance(s.get("shape"), list)
+              and all(isinstance(d, int) for d in s["shape"]) and isinstance(s.get("dtype"), str),
+              f"{where} entries need shape (ints) and dtype")
+
+
+def _check_variants(variants: list[Any], files: dict[str, Any]) -> None:
+    """``variants``: the same model in other quantizations, one entry each: ``file``,
+    ``quantization``, ``inputs``, ``outputs``, ``sample`` (the server picks one per device by its
+    profile). Files are unique; the entry naming ``model.file`` (if any) describes the default."""
+    seen: set[str] = set()
+    for i, v in enumerate(variants):
+        _need(isinstance(v, dict) and isinstance(v.get("file"), str), f"variants[{i}] must be an object with a file")
+        where = f"variants[{i}] ({v['file']})"
+        _need(v["file"] in files, f"{where}: file is not listed in files")
+        _need(v["file"] not in seen, f"{where}: file appears twice")
+        seen.add(v["file"])
+        _need(v.get("quantization") in QUANTIZATIONS,
+              f"{where}: quantization {v.get('quantization')!r} is not one of {QUANTIZATIONS}")
+        for io_name in ("inputs", "outputs"):
+            _check_io(v.get(io_name), f"{where}: {io_name}")
+
+
 def validate_manifest(m: Any, present: set[str] | None = None) -> None:
     """Check the manifest's structure; with ``present``, that it lists exactly those files."""
     _need(isinstance(m, dict), "must be a JSON object")
@@ -134,6 +159,7 @@ def validate_manifest(m: Any, present: set[str] | None = None) -> None:
     _check_sample(m["sample"], files, "sample")
     extra = m.get("variants", [])
     _need(isinstance(extra, list), "variants must be a list")
+    _check_variants(extra, files)
     pipeline = m.get("pipeline")
     if pipeline is not None:
         _need(isinstance(pipeline, dict) and isinstance(pipeline.get("stages"), list) and pipeline["stages"],

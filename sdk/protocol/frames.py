@@ -147,6 +147,9 @@ class InferResponse:
     error: str = ""
     model_version: str = ""
     latency_ms: float = 0.0
+    #: Filled in by the client from the answer's user properties, never encoded: one entry per
+    #: pipeline stage or replica that handled the request (``sdk.protocol.pipeline``).
+    trace: tuple[dict[str, Any], ...] = ()
 
     def encode(self) -> bytes:
         body = tensor_to_npy(self.output) if self.ok and self.output is not None else b""

@@ -262,11 +262,53 @@ class Telemetry(Message):
     #: The agent's health: a flat object of numbers/strings (temp_c, disk_free_bytes, uptime_s,
     #: restarts, runtime, runtime_version, delegate, threads, ...); see :func:`_health_field`.
     health: dict[str, Any] | None = None
+    #: Set while the device serves a pipeline stage or replica pool: where its time went
+    #: (sums over the interval), so an operator sees which stage is the bottleneck. See
+    #: :func:`_stage_field` for the keys.
+    stage: dict[str, Any] | None = None
 
     MAX_PREDICTIONS: ClassVar[int] = 256
 
     @classmethod
     def from_dict(cls, data: Any) -> Telemetry:
+        # The server decodes 10k of these a second: most pass a few exact type tests; anything
+        # else (including every invalid message) goes field by field and the error names the field.
+        msg = cls._usual(data)
+        return msg if msg is not None else cls._checked(data)
+
+    @classmethod
+    def _usual(cls, data: Any) -> Telemetry | None:
+        """The message, if its scalar fields are plainly valid; None when unsure. Accepts a subset
+        of what :meth:`_checked` accepts and builds the same object; the structured fields (drift,
+        health, ...) go through the same checks in the same order, so their errors are the same."""
+        if type(data) is not dict:
+            return None
+        g = data.get
+        seq, count, errors, hist = g("seq"), g("count"), g("errors"), g("latency_hist")
+        if not (type(seq) is int and type(count) is int and type(errors) is int and type(hist) is list
+                and 0 <= seq <= _U62 and 0 <= errors <= count <= _U40 and len(hist) == histogram.N_BUCKETS
+                and set(map(type, hist)) == _INT_ONLY and min(hist) >= 0 and max(hist) < _U40
+                and sum(hist) == count - errors):
+            return None
+        interval, sum_ms, cpu = _plain_nonneg(g("interval_s")), _plain_nonneg(g("latency_sum_ms")), g("cpu_percent")
+        if interval is None or sum_ms is None or (cpu is not None and (cpu := _plain_nonneg(cpu)) is None):
+            return None
+        rss, art, mv = g("rss_bytes"), g("artifact"), g("model_version")
+        if ((rss is not None and type(rss) is not int)
+                or (art is not None and not (type(art) is str and _SHA_RE.match(art)))
+                or (mv is not None and not (type(mv) is str and len(mv) <= 256))):
+            return None
+        extra: dict[str, Any] = {}
+        if g("drift") is not None or g("predictions") is not None or g("health") is not None or g("stage") is not None:
+            r = _Reader(cls.kind, data)  # the structured fields: same checks as _checked
+            extra = {"drift": _drift_field(r), "predictions": _predictions_field(r, cls.MAX_PREDICTIONS),
+                     "health": _health_field(r), "stage": _stage_field(r)}
+        return cls(seq=seq, interval_s=interval, count=count, errors=errors, latency_hist=list(hist),
+                   latency_sum_ms=sum_ms, cpu_percent=cpu, rss_bytes=rss, artifact=art, model_version=mv,
+                   **extra)
+
+    @classmethod
+    def _checked(cls, data: Any) -> Telemetry:
         r = _Reader(cls.kind, data)
         hist = r.get("latency_hist", list)
         _check(len(hist) == histogram.N_BUCKETS, cls.kind, "latency_hist",
@@ -286,11 +328,25 @@ class Telemetry(Message):
             drift=_drift_field(r),
             predictions=_predictions_field(r, cls.MAX_PREDICTIONS),
             health=_health_field(r),
+            stage=_stage_field(r),
         )
         _check(msg.errors <= msg.count, cls.kind, "errors", "must not exceed count")
         _check(sum(hist) == msg.count - msg.errors, cls.kind, "latency_hist",
                "must count every successful inference exactly once (sum == count - errors)")
         return msg
+
+
+_U40, _U62 = 2**40, 2**62
+_INT_ONLY = {int}
+
+
+def _plain_nonneg(value: Any) -> float | None:
+    """A JSON number that is plainly a finite float >= 0 (ints below 2**53 become floats), else None."""
+    if type(value) is float:
+        return value if 0.0 <= value < math.inf else None  # NaN fails both comparisons
+    if type(value) is int and 0 <= value < 2**53:
+        return float(value)
+    return None
 
 
 def _counts_ok(values: list[Any], limit: int) -> bool:
@@ -325,6 +381,37 @@ def _health_field(r: _Reader) -> dict[str, Any] | None:
         _check(valid_id(k) and ok, r.kind, f"health.{str(k)[:40]}",
                "must map an id-like key to a finite number or a string of at most 128 characters")
     return dict(value)
+
+
+#: Keys of ``Telemetry.stage``: which service stage, and per-interval counts and sums (ms).
+STAGE_COUNTS = ("count", "errors", "timed")
+STAGE_SUMS = ("transfer_ms", "wait_ms", "compute_ms", "forward_ms")
+
+
+def _stage_field(r: _Reader) -> dict[str, Any] | None:
+    """``{service, stage, stages, count, errors, timed, transfer_ms, wait_ms, compute_ms, forward_ms}``:
+    requests this stage handled (``errors`` of them failed here), ``timed`` of them carried the
+    previous hop's send time; the sums are over successful requests (transfer over ``timed``):
+    upstream transfer, queueing, model run, and handing the output to the next stage (or answer)."""
+    value = r.get("stage", dict, optional=True)
+    if value is None:
+        return None
+    name = f"{r.kind}.stage"
+    allowed = {"service", "stage", "stages", *STAGE_COUNTS, *STAGE_SUMS}
+    _check(set(value) == allowed, r.kind, "stage", f"must have exactly the keys {', '.join(sorted(allowed))}")
+    s = _Reader(name, value)
+    service = s.text("service", max_len=64)
+    _check(valid_id(service), name, "service", "must be an id")
+    stage, stages = s.nonneg_int("stage", maximum=64), s.nonneg_int("stages", maximum=64)
+    _check(1 <= stage <= stages, name, "stage", "must be 1 <= stage <= stages")
+    out: dict[str, Any] = {"service": service, "stage": stage, "stages": stages}
+    for k in STAGE_COUNTS:
+        out[k] = s.nonneg_int(k, maximum=2**40)
+    for k in STAGE_SUMS:
+        out[k] = s.nonneg_float(k)
+    _check(out["errors"] <= out["count"] and out["timed"] <= out["count"] - out["errors"], name, "errors",
+           "and timed must not exceed count (timed counts successful requests only)")
+    return out
 
 
 def _predictions_field(r: _Reader, limit: int) -> list[list[Any]] | None:

@@ -258,7 +258,7 @@ class TFLiteModel:
                 self._cur_shape = x.shape
             self._interp.set_tensor(idx, x)
             self._interp.invoke()
-            return np.array(self._interp.get_tensor(out))
+            return self._interp.get_tensor(out)  # a copy already (the interpreter's own buffer is reused)
 
 
 def check_sample(model: TFLiteModel, x: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> float:

@@ -119,9 +119,26 @@ def verify(bundle: Bundle, trusted: dict[str, Any]) -> str:
         raise BundleError(f"bundle signature uses {str(alg)[:20]!r}; only {ALG} is accepted")
     key = trusted.get(kid)
     if key is None:
-        raise BundleError(f"bundle is signed by key {str(kid)[:16]!r}, which this device does not trust")
+        raise BundleError(f"bundle is signed by key {str(kid)[:16]!r}, which this device does not trust "
+                          f"(trusted key ids: {', '.join(sorted(trusted)) or 'none'})")
     try:
         key.verify(raw, bundle.manifest_bytes)
     except InvalidSignature:
         raise BundleError(f"bundle signature does not match its manifest (key {kid}): tampered or corrupt") from None
     return kid
+
+
+def trusted_keys(paths: Iterable[str | Path]) -> dict[str, Any]:
+    """Like :func:`load_public_keys`, but an empty result is an error naming the paths.
+
+    A device configured with trusted keys and none found would refuse every bundle: say so at
+    start-up instead.
+    """
+    paths = list(paths)
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise SigningKeyError(f"trusted key {missing[0]} does not exist")
+    keys = load_public_keys(paths)
+    if not keys:
+        raise SigningKeyError(f"no Ed25519 public keys (*.pub) found in {', '.join(map(str, paths))}")
+    return keys

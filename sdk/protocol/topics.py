@@ -11,6 +11,8 @@ Scheme (``v1`` is the protocol version)::
     edgectl/v1/devices/{device_id}/chunks      server -> agent  binary chunk frames
     edgectl/v1/devices/{device_id}/infer       client -> agent  .npy request (MQTT v5 response topic)
     edgectl/v1/clients/{client_id}/responses   agent -> client  inference answers
+    edgectl/v1/artifacts/{sha256}/chunks       server -> every agent downloading that artifact
+                                               (fan-out: one copy per chunk for many devices)
     edgectl/v1/services/{service}/stages/{k}/infer   client or stage k-1 -> stage k replicas
                                                      (shared subscription: the broker spreads requests)
 """
@@ -44,6 +46,8 @@ class DeviceTopic(StrEnum):
 
 
 CLIENT_RESPONSES = "responses"
+ARTIFACT_CHUNKS = "artifact_chunks"
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def valid_id(value: object) -> bool:
@@ -91,6 +95,17 @@ def client_responses(client_id: str) -> str:
     return f"{PREFIX}/clients/{check_id(client_id, 'client id')}/{CLIENT_RESPONSES}"
 
 
+def artifact_chunks(artifact: str) -> str:
+    """Where the server broadcasts the chunks of an artifact several devices download at once."""
+    if not (isinstance(artifact, str) and _SHA_RE.match(artifact)):
+        raise ProtocolError(f"invalid artifact id {str(artifact)[:80]!r}: must be 64 lowercase hex digits")
+    return f"{PREFIX}/artifacts/{artifact}/chunks"
+
+
+#: Subscription filter (and ACL pattern) for the chunk broadcasts of every artifact.
+ARTIFACT_CHUNKS_WILDCARD = f"{PREFIX}/artifacts/+/chunks"
+
+
 # Short helpers read better at call sites: topics.status("pi-1").
 def status(device_id: str) -> str:
     return device(device_id, DeviceTopic.STATUS)
@@ -131,6 +146,7 @@ class Route:
     kind: DeviceTopic | str
     device_id: str | None = None
     client_id: str | None = None
+    artifact: str | None = None
 
 
 def parse(topic: str) -> Route:
@@ -151,4 +167,7 @@ def parse(topic: str) -> Route:
         return Route(kind=dkind, device_id=check_id(ident))
     if space == "clients" and kind == CLIENT_RESPONSES:
         return Route(kind=CLIENT_RESPONSES, client_id=check_id(ident, "client id"))
+    if space == "artifacts" and kind == "chunks":
+        artifact_chunks(ident)  # validates the id
+        return Route(kind=ARTIFACT_CHUNKS, artifact=ident)
     raise ProtocolError(f"topic {topic[:200]!r} is not in the edgectl scheme")
