@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -18,10 +19,14 @@ def targets(choice: str) -> list[str]:
 
 @contextlib.contextmanager
 def fresh_database(kind: str) -> Iterator[str]:
-    """Yield the URL of an empty database of ``kind`` (dropped afterwards for PostgreSQL);
+    """Yield the URL of an empty database of ``kind`` (dropped, or deleted, afterwards);
     any other ``kind`` is taken as a database URL and used as it is."""
     if kind == "sqlite":
-        yield f"sqlite:///{tempfile.mkdtemp(prefix='edgectl-bench-')}/bench.db"
+        tmp = tempfile.mkdtemp(prefix="edgectl-bench-")
+        try:
+            yield f"sqlite:///{tmp}/bench.db"
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return
     if kind != "postgresql":
         yield kind

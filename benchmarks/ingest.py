@@ -27,6 +27,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -151,6 +152,7 @@ def run(db_url: str, n: int, devices: int, workers: int, port: int, broker_pid: 
             retire_sessions(service.config, f"mqtt://127.0.0.1:{port}", side.client_id, keep=0)
         side.stop()
         store.close()
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def main() -> None:
@@ -179,6 +181,7 @@ def main() -> None:
     finally:
         broker.terminate()
         broker.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

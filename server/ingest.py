@@ -202,7 +202,12 @@ class TelemetryConsumer:
     def _known(self, device: str, now: float) -> bool:
         if now < self._absent.get(device, 0.0):
             return False
-        if self.service.known_device(device):
+        try:
+            known = self.service.known_device(device)
+        except Exception:  # the database is unreachable: storing will fail and count it
+            log.exception("cannot look up device %s", device)
+            return True
+        if known:
             self._absent.pop(device, None)
             return True
         if len(self._absent) > HOLD_MAX:

@@ -211,6 +211,16 @@ def test_one_message_the_database_refuses_costs_only_itself(tmp_path: Path) -> N
     svc.handle_batch([(topics.telemetry("pi-1"), telemetry(s, [1.0]).encode(), now) for s in range(40)])
     assert svc.info()["ingest"]["telemetry_stored"] == 39
     assert svc.rejected() == {"internal_error": 1}
+    # a database that is down fails the batch once, without trying every half of it
+    calls = []
+
+    def down(tele: Any, beats: Any = ()) -> Any:
+        calls.append(len(tele))
+        raise sa.exc.OperationalError("INSERT", {}, ConnectionRefusedError("connection refused"))
+
+    store.ingest = down  # type: ignore[method-assign]
+    svc.handle_batch([(topics.telemetry("pi-1"), telemetry(s, [1.0]).encode(), now) for s in range(40, 80)])
+    assert calls == [40] and svc.rejected() == {"internal_error": 41}
     store.close()
 
 
