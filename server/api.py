@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
@@ -140,6 +140,12 @@ class BearerAuth:
         await response(scope, receive, send)
 
 
+def _error_handler(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    async def handler(_: Request, exc: Exception) -> JSONResponse:
+        return _error(status, str(exc))
+    return handler
+
+
 def create_app(service: Service, *, tokens: Sequence[str] | None = None, public_read: bool = False) -> FastAPI:
     """The API; with ``tokens`` every request needs one of them (``public_read``: not GETs).
 
@@ -150,33 +156,10 @@ def create_app(service: Service, *, tokens: Sequence[str] | None = None, public_
     if tokens is not None:
         app.add_middleware(BearerAuth, tokens=list(tokens), public_read=public_read)
 
-    @app.exception_handler(NotFound)
-    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
-        return _error(404, str(exc))
-
-    @app.exception_handler(BundleError)
-    async def _bad_bundle(_: Request, exc: BundleError) -> JSONResponse:
-        return _error(400, str(exc))
-
-    @app.exception_handler(DeployError)
-    async def _bad_deploy(_: Request, exc: DeployError) -> JSONResponse:
-        return _error(400, str(exc))
-
-    @app.exception_handler(NoCredentials)
-    async def _no_credentials(_: Request, exc: NoCredentials) -> JSONResponse:
-        return _error(404, str(exc))
-
-    @app.exception_handler(EnrollError)
-    async def _bad_enroll(_: Request, exc: EnrollError) -> JSONResponse:
-        return _error(400, str(exc))
-
-    @app.exception_handler(RolloutError)
-    async def _rollout_conflict(_: Request, exc: RolloutError) -> JSONResponse:
-        return _error(409, str(exc))
-
-    @app.exception_handler(EdgeError)
-    async def _edge_error(_: Request, exc: EdgeError) -> JSONResponse:
-        return _error(400, str(exc))
+    # Our errors as HTTP statuses; Starlette picks the handler of the nearest class in the MRO.
+    for exc_type, status in ((NotFound, 404), (NoCredentials, 404), (BundleError, 400), (DeployError, 400),
+                             (EnrollError, 400), (RolloutError, 409), (EdgeError, 400)):
+        app.add_exception_handler(exc_type, _error_handler(status))
 
     @app.exception_handler(TooLarge)
     async def _too_large(_: Request, exc: TooLarge) -> JSONResponse:
@@ -229,7 +212,8 @@ def create_app(service: Service, *, tokens: Sequence[str] | None = None, public_
         except RolloutError as exc:
             raise DeployError(f"strategy: {exc}") from None
         gates = Gates(**(body.gates or GatesBody()).model_dump())
-        return service.create_deployment(body.artifact, body.selector, strategy, gates)
+        return service.create_deployment(body.artifact, body.selector, strategy, gates, service=body.service,
+                                         replicas=body.replicas, stage_map=body.stage_map)
 
     @app.get("/v1/rollouts")
     def list_rollouts() -> list[dict[str, Any]]:
