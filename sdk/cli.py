@@ -297,7 +297,7 @@ def push(
     waves: Annotated[str | None, typer.Option(help="Rollout: following waves, counts or shares (25%,50%); the rest comes last. [default: 50%]")] = None,
     soak: Annotated[str | None, typer.Option(help="Rollout: how long each wave runs before its gates are judged (30s, 5m). [default: 60s]")] = None,
     install_timeout: Annotated[str | None, typer.Option(help="Rollout: a device silent this long counts as timed out (offline). [default: 300s]")] = None,
-    gate: Annotated[list[str] | None, typer.Option("--gate", help="Rollout gate NAME=VALUE, repeatable: p95=+20%, p95_floor=0.5ms, errors=5%, error_increase=+2%, availability=90%, accuracy=90%, accuracy_drop=2%, install_failures=0%, min_inferences=20; VALUE off disables.")] = None,
+    gate: Annotated[list[str] | None, typer.Option("--gate", help="Rollout gate NAME=VALUE, repeatable: p95=+20%, p95_floor=0.5ms, p95_confidence=95%, errors=5%, error_increase=+2%, availability=90%, accuracy=90%, accuracy_drop=2%, install_failures=0%, min_inferences=20; VALUE off disables.")] = None,
     all_at_once: Annotated[bool, typer.Option("--all-at-once", help="Rollout: one wave with every device, still soaked and gated.")] = False,
     latency_slo: Annotated[str | None, typer.Option(help="Rollout of a bundle with variants: the p95 each device class must meet (e.g. 20ms).")] = None,
     downgrade: Annotated[bool, typer.Option("--downgrade", help="With --latency-slo: move a device class that misses it to the next smaller variant.")] = False,
@@ -332,6 +332,7 @@ def push(
         if not as_json:
             out.print(f"uploaded {art['name']} {art['version']} ({art['size']:,} B, sha256 {art['sha256'][:16]}…)",
                       highlight=False)
+            print_service_push(result.get("service"))
             print_rollout(ro)
         if result.get("incomplete"):
             fail(f"rollout {ro['id']} had not ended after {wait:g}s (edgectl rollout show {ro['id']} --watch)", code=3)
@@ -344,9 +345,7 @@ def push(
     svc = result.get("service")
     out.print(f"uploaded {art['name']} {art['version']} ({art['size']:,} B, sha256 {art['sha256'][:16]}…)", highlight=False)
     out.print(f"deployment {dep['id']} → {len(dep['targets'])} device(s): {', '.join(dep['targets'])}", highlight=False)
-    if svc:
-        out.print(f"service {svc['name']}: {svc['stages']} stage(s) × {svc['replicas']} replica(s); requests go to "
-                  f"edgectl infer --service {svc['name']}", highlight=False)
+    print_service_push(svc)
     if "devices" in dep:
         for d in dep["devices"]:
             role = (f" [stage {d['stage']}/{d['stages']}{' ' + d['file'] if d.get('file') else ''}"
@@ -356,9 +355,21 @@ def push(
             if variant and not role:
                 role = f" [variant {variant['quantization']}: {variant['why']}]"
             out.print(f"  {d['device_id']}: {d['state']}{role}{' — ' + d['detail'] if d.get('detail') else ''}",
-                      highlight=False)
+                      highlight=False, markup=False)  # "[variant int8: ...]" is text, not a rich style
     if result.get("incomplete"):
         fail(f"not every device reached 'active' within {wait:g}s", code=3)
+
+
+def print_service_push(svc: dict[str, Any] | None) -> None:
+    """The service a push made: its shape, and the devices that left it (a smaller pool)."""
+    if not svc:
+        return
+    out.print(f"service {svc['name']}: {svc['stages']} stage(s) × {svc['replicas']} replica(s); requests go to "
+              f"edgectl infer --service {svc['name']}", highlight=False)
+    for d, why in sorted((svc.get("left") or {}).items()):
+        how = (f"keeps running {why['keeps']} (deployment {why['deployment']})" if why.get("deployment")
+               else f"could not be told: {why.get('error')}")
+        out.print(f"  {d}: leaves service {svc['name']}: {how}; {why['why']}", highlight=False)
 
 
 @devices_app.command("list")
@@ -830,6 +841,16 @@ def _phase(phase: str) -> str:
     return f"[{PHASE_STYLE.get(phase, 'white')}]{phase.replace('_', ' ')}[/]"
 
 
+def _clip(text: str, n: int) -> str:
+    """``text`` cut to at most ``n`` characters at a word boundary, "…" marking the cut; as
+    literal text for a rich table cell (an agent's detail may hold brackets)."""
+    from rich.markup import escape
+
+    if len(text) > n:
+        text = text[: text.rfind(" ", 0, n) if " " in text[:n] else n].rstrip(" ,;:(") + " …"
+    return escape(text)
+
+
 def rollout_renderables(ro: dict[str, Any]) -> list[Any]:
     """What `edgectl rollout show` prints: the summary in words, then waves, devices, gates, history."""
     from rich.text import Text
@@ -857,14 +878,14 @@ def rollout_renderables(ro: dict[str, Any]) -> list[Any]:
             note = "never told: the rollout ended before its wave"
         devices.add_row(d["device_id"], d.get("wave_label", str(d["wave"])), d["state"].replace("_", " "),
                         (d.get("target_state") or "-").replace("_", " "), d.get("running_model") or "-",
-                        d.get("previous_model") or "-", "yes" if d.get("online") else "no", note[:80])
+                        d.get("previous_model") or "-", "yes" if d.get("online") else "no", _clip(note, 120))
     parts += [waves, devices]
     if ro.get("gate_results"):
         gates = Table(title=f"gates of the last judged wave (soak {ro['strategy']['soak_s']:g} s)")
         for col in ("gate", "result", "detail"):
             gates.add_column(col)
         for g in ro["gate_results"]:
-            gates.add_row(g["gate"], "[green]pass[/]" if g["passed"] else "[red]FAIL[/]", g["detail"])
+            gates.add_row(g["gate"], "[green]pass[/]" if g["passed"] else "[red]FAIL[/]", _clip(g["detail"], 400))
         parts.append(gates)
     if ro.get("history"):
         parts.append(Text("history:\n" + "\n".join(f"  {h}" for h in ro["history"])))
@@ -895,7 +916,7 @@ def rollout_list(server: ServerOpt = None, token: TokenOpt = None, as_json: Json
     for r in rows:
         table.add_row(r["id"], r["deployment_id"], f"{r.get('model') or '?'} {r.get('version') or ''}",
                       str(r["devices"]), f"{r['waves_passed']}/{r['waves']}", _phase(r["phase"]),
-                      (r.get("updated_at") or "")[:19], (r.get("reason") or "")[:80])
+                      (r.get("updated_at") or "")[:19], _clip(r.get("reason") or "", 100))
     out.print(table)
 
 

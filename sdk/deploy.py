@@ -74,9 +74,12 @@ def push_bundle(client: ServerClient, bundle: str | Path, selector: str, *, wait
                 result["incomplete"] = True
         return result
     if wait_s > 0:
+        chosen = deployment.get("variants")  # the server says why each device got its variant only now
         deadline = time.monotonic() + wait_s
         while True:
             deployment = client.deployment(deployment["id"])
+            if chosen is not None:
+                deployment["variants"] = chosen
             states = [d["state"] for d in deployment.get("devices", [])]
             if states and all(s in FINAL_STATES for s in states):
                 break

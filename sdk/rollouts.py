@@ -18,6 +18,7 @@ FINAL_PHASES = ("completed", "rolled_back", "aborted", "superseded")
 GATES: dict[str, tuple[str, str]] = {
     "p95": ("max_p95_regression", "ratio"),
     "p95_floor": ("min_p95_increase_ms", "ms"),
+    "p95_confidence": ("p95_confidence", "ratio"),
     "errors": ("max_error_rate", "ratio"),
     "error_increase": ("max_error_rate_increase", "ratio"),
     "availability": ("min_availability", "ratio"),
@@ -28,7 +29,7 @@ GATES: dict[str, tuple[str, str]] = {
 }
 #: Gates that cannot be switched off (a number is always needed).
 ALWAYS_ON = ("min_p95_increase_ms", "max_install_failure_ratio", "min_inferences")
-GATE_HELP = ("p95=+20% | p95_floor=0.5ms | errors=5% | error_increase=+2% | availability=90% | accuracy=90% | "
+GATE_HELP = ("p95=+20% | p95_floor=0.5ms | p95_confidence=95% | errors=5% | error_increase=+2% | availability=90% | accuracy=90% | "
              "accuracy_drop=2% | install_failures=0% | min_inferences=20; 'off' disables a gate")
 
 

@@ -52,6 +52,7 @@ class GatesBody(BaseModel):
     max_error_rate_increase: float | None = Field(0.02, ge=0, le=1)
     max_p95_regression: float | None = Field(0.20, ge=0, le=1000)
     min_p95_increase_ms: float = Field(0.5, ge=0, le=3_600_000)
+    p95_confidence: float | None = Field(0.95, ge=0.5, lt=1)
     min_availability: float | None = Field(0.90, ge=0, le=1)
     min_accuracy: float | None = Field(None, ge=0, le=1)
     max_accuracy_drop: float | None = Field(0.02, ge=0, le=1)

@@ -23,6 +23,12 @@ log = logging.getLogger("edgectl.server.broker")
 
 CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 MAX_PACKET = 20971520
+#: Mosquitto's ``max_inflight_messages``: unacknowledged QoS 1 messages it sends one client (and the
+#: Receive Maximum it offers MQTT v5 publishers). The ingest workers (MQTT 3.1.1, no Receive
+#: Maximum of their own) acknowledge a batch only after it is committed, so this must hold two
+#: batches (``server.ingest.BATCH_MAX``); Mosquitto's default of 20 would cap each worker at 20
+#: messages per transaction.
+MAX_INFLIGHT = 4096
 
 
 class BrokerError(EdgeError):
@@ -72,6 +78,7 @@ def render_config(port: int, broker_dir: Path, *, persistence: bool = True, secu
         # QoS 1 messages for a subscriber that is momentarily slower (the server's ingest
         # worker pushing back) wait here; Mosquitto's default of 1000 would drop them.
         "max_queued_messages 1000000",
+        f"max_inflight_messages {MAX_INFLIGHT}",
         f"log_dest file {broker_dir / 'mosquitto.log'}",
         "log_timestamp true",
     ]

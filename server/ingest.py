@@ -21,13 +21,21 @@ What still holds with several writers (see ``Store.ingest``):
   ``HOLD_S`` (its status may still be on its way through the server process); after that it is
   rejected as ``unknown_device``, as the server process would have;
 * backpressure: while a worker stores a batch it reads nothing, and the broker keeps the QoS 1
-  messages that follow (it sends each client a few at a time until they are acknowledged);
+  messages that follow (it sends each client at most ``max_inflight_messages`` unacknowledged);
+* acknowledge after commit: a message's PUBACK goes out once the batch holding it is committed
+  (or it is rejected for good), so a worker killed with ``kill -9`` loses nothing: what it held
+  unacknowledged is delivered again, to its restarted self (its session) or, once its session
+  is gone, as the broker decides. The broker sends a worker only ``max_inflight_messages``
+  unacknowledged messages (Mosquitto's default is 20; ``server.broker.render_config`` sets
+  ``MAX_INFLIGHT``), so a batch is stored as soon as nothing more comes for
+  ``FLUSH_IDLE_S``, never waiting for messages the broker will not send before the PUBACKs;
+  held messages count against that window too (at most ``HOLD_MAX``). While the database is
+  unavailable a batch is offered again with a backoff, unacknowledged;
 * a worker's MQTT session is persistent and named after the server's (``ID-ingest-I``): what the
   broker holds for a worker that is down (restarting, or the whole server) waits for it; the
-  server process restarts a worker that dies. As with the server's own session, the messages of
-  the batch a process was gathering when it died (acknowledged, not yet stored) are lost. Mosquitto
-  keeps queueing a share for a persistent session nobody uses, so the sessions of workers an
-  earlier run had beyond today's N are ended at start (:func:`retire_sessions`);
+  server process restarts a worker that dies. Mosquitto keeps queueing a share for a persistent
+  session nobody uses, so the sessions of workers an earlier run had beyond today's N are ended
+  at start (:func:`retire_sessions`);
 * ``/v1/info`` and ``/metrics`` show the sums of the workers' counters (sent every ``REPORT_S``).
 """
 
@@ -65,10 +73,17 @@ WORKER_KINDS = (DeviceTopic.TELEMETRY,)
 BATCH_MAX = 2000
 #: Longest a message waits for its batch to fill (s).
 BATCH_WAIT_S = 0.2
+#: A batch is stored once nothing more arrived for this long (s): the broker may be waiting for
+#: the PUBACKs of what it sent (its in-flight window) before it sends more.
+FLUSH_IDLE_S = 0.025
 #: How long telemetry of a device without a status is held before it is rejected (s).
 HOLD_S = 5.0
-#: Most messages held at once (beyond, they are handed on and rejected at once).
-HOLD_MAX = 20000
+#: Most messages held at once (beyond, they are handed on and rejected at once). Held messages are
+#: not acknowledged yet, so they take part of the broker's in-flight window: keep it well below.
+HOLD_MAX = 1000
+#: Wait before a batch the database could not take is offered again (doubling up to the max).
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 10.0
 #: How often held messages (and an unknown device) are looked at again (s).
 HOLD_CHECK_S = 0.5
 #: How often a worker sends its counters to the server process (s).
@@ -92,6 +107,10 @@ def worker_group(base: str) -> str:
     return f"{base}-ingest"
 
 
+#: A taken message: topic, payload, receive time, acknowledgement token (``Subscriber.receive``).
+_Msg = tuple[str, bytes, datetime, int]
+
+
 class TelemetryConsumer:
     """One worker's MQTT side and batch loop, in one thread: poll the broker (a shared
     subscription to device telemetry, :class:`server.mqttlite.Subscriber`), gather a batch,
@@ -106,10 +125,13 @@ class TelemetryConsumer:
                               [topics.shared(topics.device_wildcard(kind), group) for kind in WORKER_KINDS],
                               username=username, password=password, clean_session=False, tls=_tls(broker_url))
         self.client_id = client_id
-        self._held: deque[tuple[float, tuple[str, bytes, datetime], str]] = deque()
+        self._held: deque[tuple[float, _Msg, str]] = deque()
         self._absent: dict[str, float] = {}  # device -> when to ask the store about it again
         self._next_check = 0.0
-        self._batch: list[tuple[str, bytes, datetime]] = []
+        self._batch: list[_Msg] = []
+        self._retry_at = 0.0  # the database was unavailable: store nothing before then
+        self._storing = 0  # messages in the batch being stored now
+        self._retry_delay = RETRY_MIN_S
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -139,7 +161,8 @@ class TelemetryConsumer:
             self._thread.join(timeout=60)
 
     def depth(self) -> int:
-        return len(self._batch) + len(self._held)
+        """Messages taken and not stored yet (none of them acknowledged)."""
+        return len(self._batch) + len(self._held) + self._storing
 
     def run(self) -> None:
         """Until stopped: take messages, store them in batches; reconnect when the connection fails."""
@@ -150,7 +173,12 @@ class TelemetryConsumer:
                 if self.sub.sock is None:
                     self.connect()
                     backoff = 1.0
-                got = self.sub.poll(BATCH_WAIT_S if self._batch or self._held else REPORT_S)
+                wait = time.monotonic() < self._retry_at
+                if wait and len(self._batch) >= BATCH_MAX:  # the database is away: take no more for now
+                    self._stop.wait(min(1.0, self._retry_at - time.monotonic()))
+                    got = []
+                else:
+                    got = self.sub.receive(FLUSH_IDLE_S if self._batch else BATCH_WAIT_S if self._held else REPORT_S)
             except IngestError as exc:
                 log.warning("%s; retrying in %gs", exc, backoff)
                 self._stop.wait(backoff)
@@ -159,32 +187,55 @@ class TelemetryConsumer:
             except MqttError as exc:
                 log.warning("ingest worker %s lost its connection: %s; reconnecting", self.client_id, exc)
                 self.sub.close()
-                self._store()  # what was taken (and acknowledged) is stored before anything else
+                # what was taken is stored (not acknowledged: the broker sends it again, a duplicate)
+                if time.monotonic() >= self._retry_at:
+                    self._store()
                 continue
             if got:
                 if not self._batch:
                     started = time.monotonic()
                 now = self.service.clock()
-                self._batch.extend((t, p, now) for t, p in got)
-            full = len(self._batch) >= BATCH_MAX or time.monotonic() - started >= BATCH_WAIT_S
-            if (self._batch and (full or not got)) or (self._held and time.monotonic() >= self._next_check):
+                self._batch.extend((t, p, now, token) for t, p, token in got)
+            t = time.monotonic()
+            full = len(self._batch) >= BATCH_MAX or t - started >= BATCH_WAIT_S
+            if t >= self._retry_at and ((self._batch and (full or not got)) or (self._held and t >= self._next_check)):
                 self._store()
+        self._store(final=True)  # and acknowledged, before the connection closes
         self.sub.close()
-        self._store(final=True)
 
     def _store(self, final: bool = False) -> None:
+        """Store what was taken (and is not held), then acknowledge it; what the database could
+        not take (unavailable) stays, unacknowledged, to be offered again after a backoff."""
         batch, self._batch = self._batch, []
         ready = self._sort_out(batch, final=final)
-        if ready:
-            self.service.handle_batch(ready)  # never raises
+        if not ready:
+            return
+        self._storing = len(ready)
+        try:
+            left = self.service.handle_batch([m[:3] for m in ready], defer_unavailable=True)  # never raises
+        finally:
+            self._storing = 0
+        skip = set(left)
+        if self.sub.sock is not None:
+            try:
+                self.sub.ack(m[3] for i, m in enumerate(ready) if i not in skip)
+            except MqttError as exc:  # the run loop reconnects; the broker sends these again
+                log.warning("ingest worker %s could not acknowledge a batch: %s", self.client_id, exc)
+                self.sub.close()
+        if left and not final:
+            self._batch[:0] = [ready[i] for i in left]
+            self._retry_at = time.monotonic() + self._retry_delay
+            self._retry_delay = min(RETRY_MAX_S, self._retry_delay * 2)
+        elif not left:
+            self._retry_delay = RETRY_MIN_S
 
-    def _sort_out(self, batch: list[tuple[str, bytes, datetime]], final: bool = False) -> list[tuple[str, bytes, datetime]]:
+    def _sort_out(self, batch: list[_Msg], final: bool = False) -> list[_Msg]:
         """What to store now; telemetry of devices without a status (yet) waits in ``_held``."""
         now = time.monotonic()
-        ready: list[tuple[str, bytes, datetime]] = []
+        ready: list[_Msg] = []
         if self._held and (final or now >= self._next_check):
             self._next_check = now + HOLD_CHECK_S
-            keep: deque[tuple[float, tuple[str, bytes, datetime], str]] = deque()
+            keep: deque[tuple[float, _Msg, str]] = deque()
             for deadline, item, device in self._held:
                 if final or now >= deadline or self._known(device, now):
                     ready.append(item)  # stored now, or rejected as unknown_device

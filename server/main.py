@@ -323,14 +323,7 @@ def run(config: Config) -> int:
         if broker_user:
             mqtt_side.client.username_pw_set(broker_user, broker_password)
         cleanups.append(("MQTT", mqtt_side.stop))
-        try:
-            if not config.ingest_workers:  # sessions of workers an earlier run had would keep a share
-                retire_sessions(config, broker_url, mqtt_side.client_id, keep=0, username=broker_user,
-                                password=broker_password)
-            mqtt_side.start()
-        except BrokerUnreachable as exc:
-            raise StartupError(str(exc)) from None
-        if config.ingest_workers:
+        if config.ingest_workers:  # subscribed before the server process is: no telemetry falls between
             workers = IngestWorkers(service, broker_url, config.ingest_workers, base_client_id=mqtt_side.client_id,
                                     username=broker_user, password=broker_password)
             cleanups.append(("ingest workers", workers.stop))
@@ -339,6 +332,13 @@ def run(config: Config) -> int:
             except IngestError as exc:
                 raise StartupError(str(exc)) from None
             service.queue_depth = lambda: mqtt_side.queue.qsize() + workers.depth()
+        try:
+            if not config.ingest_workers:  # sessions of workers an earlier run had would keep a share
+                retire_sessions(config, broker_url, mqtt_side.client_id, keep=0, username=broker_user,
+                                password=broker_password)
+            mqtt_side.start()
+        except BrokerUnreachable as exc:
+            raise StartupError(str(exc)) from None
 
         sweep_interval = min(1.0, config.heartbeat_timeout / 4)
 

@@ -1,12 +1,26 @@
 """The MQTT side: subscribe to device topics, queue what arrives, ingest it on one worker thread.
 
 The paho callback thread never touches the database: it only puts (topic, payload, receive
-time) on a bounded queue, and ``put`` blocks when the queue is full, which pushes back on the
-broker instead of growing memory (paho stops reading the socket, so unacknowledged QoS 1
-messages wait in the broker, whose per-client queue must be large enough: see
-``server.broker.render_config``). One worker thread drains the queue in batches of up to
-``BATCH_MAX`` messages and hands each batch to ``Service.handle_batch`` (one transaction for
-the telemetry and heartbeats in it), which never raises.
+time, packet id) on a bounded queue. One worker thread drains the queue in batches of up to
+``BATCH_MAX`` messages (whatever has arrived: it never waits for a batch to fill) and hands each
+batch to ``Service.handle_batch`` (one transaction for the telemetry and heartbeats in it).
+
+Acknowledge after commit: the client runs with paho's ``manual_ack``, and the worker sends a
+message's PUBACK (``Client.ack``, which only queues the packet for paho's network thread, as
+``publish`` does, so it is safe from the worker thread) once the batch holding it is committed or
+the message is rejected for good (malformed, unknown device, duplicate). A ``kill -9`` of the
+server therefore loses nothing: what it had received but not stored is still unacknowledged in
+its broker session, and the broker delivers it again. While the database is unavailable the
+batch is offered again with a backoff and nothing of it is acknowledged. The CONNECT property
+Receive Maximum (``RECEIVE_MAXIMUM``) lets the broker keep that many QoS 1 messages in flight to
+us; more wait in the broker's queue for the session (which must be large enough: see
+``server.broker.render_config``). It is below ``QUEUE_SIZE``, so the callback's ``put`` would not
+block on QoS 1 traffic; but Mosquitto 2.0.11 overshoots it once PUBACKs flow while publishers
+keep publishing (12,000 and more unacknowledged were seen; with no PUBACK at all it stops at
+4,096), so the queue does fill, and then ``put`` blocks and paho stops reading (backpressure). That cannot deadlock: the worker drains the queue without waiting for paho's
+thread (``Client.ack`` only queues the packet), and never waits for a batch to fill. A PUBACK
+goes out only on the connection the message came on: after a reconnect the broker sends again
+what was not acknowledged (the store keeps one row per ``(device_id, seq)``).
 
 The server's MQTT session is persistent: one client id per data directory (``DATA/mqtt-client-id``),
 ``clean_start=False`` and a session expiry of ``SESSION_EXPIRY_S``, so while the server is down
@@ -15,6 +29,7 @@ or restarting the broker keeps its subscriptions and queues the devices' QoS 1 m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
@@ -40,6 +55,12 @@ from .service import INGESTED, Service
 log = logging.getLogger("edgectl.server.mqtt")
 
 QUEUE_SIZE = 20000
+#: Most unacknowledged QoS 1 messages the broker may have in flight to the server (CONNECT's
+#: Receive Maximum): two batches, so one fills while the other is stored.
+RECEIVE_MAXIMUM = 4096
+#: Wait before a batch the database could not take is offered again (doubling up to the max).
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 10.0
 #: How long the broker keeps the server's session (its subscriptions and the QoS 1 messages
 #: that arrive for it) while the server is down: a restart within it loses no telemetry.
 SESSION_EXPIRY_S = 86400
@@ -49,8 +70,11 @@ CHUNK_OVERHEAD = 1024
 CLIENT_ID_FILE = "mqtt-client-id"
 #: Most messages written in one transaction by the ingest worker.
 BATCH_MAX = 2000
+assert 2 * BATCH_MAX <= RECEIVE_MAXIMUM < QUEUE_SIZE
 _STOP = object()
 _REPUBLISH = object()
+#: A received message: topic, payload, receive time, packet id, QoS, connection generation.
+_Item = tuple[str, bytes, datetime, int, int, int]
 
 
 class BrokerUnreachable(EdgeError):
@@ -77,8 +101,12 @@ class MqttSide:
         self._first_connect: tuple[bool, str] | None = None
         self._first_event = threading.Event()
         self._worker = threading.Thread(target=self._work, name="mqtt-ingest", daemon=True)
+        self._stopping = threading.Event()
+        #: Counts connections (and losses): a message is acknowledged only on the connection it came on.
+        self._generation = 0
+        self._ack_lock = threading.Lock()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                  protocol=mqtt.MQTTv5, client_id=self.client_id)
+                                  protocol=mqtt.MQTTv5, client_id=self.client_id, manual_ack=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
         self.client.max_queued_messages_set(0)
         self.client.on_connect = self._on_connect
@@ -94,6 +122,7 @@ class MqttSide:
         self._worker.start()
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.session_expiry_s
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
         try:
             self.client.connect(self.host, self.port, keepalive=30, clean_start=False, properties=props)
         except OSError as exc:
@@ -114,13 +143,22 @@ class MqttSide:
                                     f"the frame header and topic) would be refused; lower --chunk-size")
 
     def stop(self) -> None:
+        """Store (and acknowledge) what has arrived, then disconnect. What arrives meanwhile is
+        not acknowledged: the broker delivers it again to the next run."""
+        self._stopping.set()
         try:
-            self.client.disconnect()
-        finally:
-            self.client.loop_stop()
             if self._worker.is_alive():
-                self.queue.put(_STOP)
-                self._worker.join(timeout=10)
+                with contextlib.suppress(queue.Full):
+                    self.queue.put(_STOP, timeout=10)
+                self._worker.join(timeout=30)
+        finally:
+            try:
+                self.client.disconnect()
+            finally:
+                with contextlib.suppress(queue.Empty):  # paho's thread may wait on a full queue
+                    while True:
+                        self.queue.get_nowait()
+                self.client.loop_stop()
 
     # -- Publisher -----------------------------------------------------------------------------
 
@@ -143,6 +181,8 @@ class MqttSide:
         # Plain subscriptions, not topics.shared(...) for now: a shared subscription does not
         # receive retained messages, and the server needs every device's retained status.
         set_nodelay(client)
+        with self._ack_lock:
+            self._generation += 1
         client.subscribe([(topics.device_wildcard(kind), 1) for kind in self.kinds])
         dropped = [topics.device_wildcard(kind) for kind in INGESTED if kind not in self.kinds]
         if dropped:  # a resumed session keeps what an earlier run subscribed to
@@ -161,6 +201,8 @@ class MqttSide:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
         self._connected.clear()
+        with self._ack_lock:  # PUBACKs of what came on the lost connection are never sent
+            self._generation += 1
         if reason_code != 0:
             log.warning("disconnected from MQTT broker: %s (paho reconnects)", reason_code)
 
@@ -170,40 +212,63 @@ class MqttSide:
             topic = msg.topic
         except UnicodeDecodeError:  # brokers should refuse these; never let one kill paho's thread
             topic = repr(msg._topic)
-        self.queue.put((topic, bytes(msg.payload), received))  # blocks when full: backpressure
+        item = (topic, bytes(msg.payload), received, msg.mid, msg.qos, self._generation)
+        if self._stopping.is_set():  # the worker may be gone: never block; not acknowledged either way
+            with contextlib.suppress(queue.Full):
+                self.queue.put_nowait(item)
+            return
+        self.queue.put(item)  # blocks when full: backpressure
 
     # -- ingest worker -------------------------------------------------------------------------
 
     def _work(self) -> None:
-        """Take what has arrived (up to BATCH_MAX messages) and ingest it as one batch."""
+        """Take what has arrived (up to BATCH_MAX messages), ingest it as one batch, acknowledge it."""
+        retry: list[_Item] = []
+        delay = RETRY_MIN_S
         while True:
-            batch: list[tuple[str, bytes, datetime]] = []
-            item = self.queue.get()
-            while True:
-                if item is _STOP:
-                    self._ingest(batch)
-                    return
-                if item is _REPUBLISH:
-                    self._ingest(batch)
-                    batch = []
-                    try:
-                        n = self.service.republish_desired()
-                        log.info("republished desired state of %d devices", n)
-                    except Exception:
-                        log.exception("republishing desired states failed")
-                else:
-                    batch.append(item)
-                if len(batch) >= BATCH_MAX:
-                    break
+            if retry and self._stopping.wait(delay):
+                return  # not acknowledged: the broker delivers it again to the next run
+            batch, control = self._gather(retry)
+            retry = self._ingest(batch)
+            delay = min(RETRY_MAX_S, delay * 2) if retry else RETRY_MIN_S
+            if control is _STOP:
+                return
+            if control is _REPUBLISH:
                 try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-            self._ingest(batch)
+                    n = self.service.republish_desired()
+                    log.info("republished desired state of %d devices", n)
+                except Exception:
+                    log.exception("republishing desired states failed")
 
-    def _ingest(self, batch: list[tuple[str, bytes, datetime]]) -> None:
-        if batch:
-            self.service.handle_batch(batch)
+    def _gather(self, batch: list[_Item]) -> tuple[list[_Item], object]:
+        """``batch`` plus what has arrived, up to BATCH_MAX (waits only for a first message)."""
+        batch = list(batch)
+        while len(batch) < BATCH_MAX:
+            try:
+                item = self.queue.get_nowait() if batch else self.queue.get()
+            except queue.Empty:
+                break
+            if item is _STOP or item is _REPUBLISH:
+                return batch, item
+            batch.append(item)
+        return batch, None
+
+    def _ingest(self, batch: list[_Item]) -> list[_Item]:
+        """Store ``batch``, acknowledge what is done; returns what the database could not take."""
+        if not batch:
+            return []
+        try:
+            left = self.service.handle_batch([item[:3] for item in batch], defer_unavailable=True)
+        except Exception:  # never expected; keep the worker (and the messages) alive
+            log.exception("ingesting a batch of %d messages failed; offering it again", len(batch))
+            return batch
+        skip = set(left)
+        with self._ack_lock:
+            generation = self._generation
+            for i, (_, _, _, mid, qos, gen) in enumerate(batch):
+                if qos and gen == generation and i not in skip:
+                    self.client.ack(mid, qos)
+        return [batch[i] for i in left]
 
 
 def _stable_client_id(path: Path) -> str:

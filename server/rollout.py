@@ -14,9 +14,10 @@ import math
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
+from statistics import NormalDist
 from typing import Any
 
-from sdk.protocol import EdgeError
+from sdk.protocol import EdgeError, histogram
 
 
 class RolloutError(EdgeError):
@@ -85,11 +86,21 @@ class Gates:
     #: A p95 regression also has to add at least this much (ms) to fail: on sub-millisecond
     #: models +20 % is scheduler noise and histogram resolution (buckets are 26 % wide).
     min_p95_increase_ms: float = 0.5
+    #: ... and hold at this confidence given how many inferences each side measured: the new
+    #: p95 is taken at the low end of its confidence interval and the previous one at the high
+    #: end (order statistics on the merged histograms). A p95 from 30 inferences is the 2nd
+    #: largest of them and moves by +-30 % between windows of the same model on a shared CPU;
+    #: a model 3x slower is still caught. ``None`` compares the two p95s as measured.
+    p95_confidence: float | None = 0.95
     min_availability: float | None = 0.90
     min_accuracy: float | None = None
     max_accuracy_drop: float | None = 0.02
     #: Below this many inferences in the soak window, traffic gates are not judged (and say so).
     min_inferences: int = 20
+
+    def __post_init__(self) -> None:
+        if self.p95_confidence is not None and not 0.5 <= self.p95_confidence < 1:
+            raise RolloutError(f"p95_confidence {self.p95_confidence!r} must be in [0.5, 1) (e.g. 0.95), or None")
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,10 @@ class Health:
     availability: float | None = None
     accuracy: float | None = None
     labelled: int = 0
+    #: Merged latency histogram (``sdk.protocol.histogram`` buckets) behind ``p95_ms``, if known.
+    latency_hist: tuple[int, ...] | list[int] | None = None
+    #: How gate details name a baseline: "vs 3.9 ms {label}" (which model, which devices, when).
+    label: str = "before"
 
     @property
     def error_rate(self) -> float | None:
@@ -116,6 +131,8 @@ class Observation:
     device_states: dict[str, str] = field(default_factory=dict)
     wave_health: Health | None = None
     baseline: Health | None = None
+    #: What devices of the wave said with their state (why an install or smoke test failed).
+    device_details: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -224,6 +241,24 @@ def _fmt(v: float | None, pct: bool = False) -> str:
     return f"{v:.1%}" if pct else f"{v:.3g}"
 
 
+def p95_bounds(new: Health, before: Health, confidence: float) -> tuple[float, float, int, int] | None:
+    """The new p95 at the low end and the previous one at the high end of their one-sided
+    ``confidence`` intervals, and the inferences behind each; None without both histograms.
+
+    The p95 of n samples is their order statistic at rank 0.95 n, which is uncertain by about
+    z * sqrt(0.95 * 0.05 * n) ranks (normal approximation of the binomial)."""
+    if not new.latency_hist or not before.latency_hist:
+        return None
+    n, m = sum(new.latency_hist), sum(before.latency_hist)
+    if not n or not m:
+        return None
+    z = NormalDist().inv_cdf(confidence)
+    lo = histogram.quantile(new.latency_hist, max(0.0, 0.95 - z * math.sqrt(0.95 * 0.05 / n)))
+    hi = histogram.quantile(before.latency_hist, min(1.0, 0.95 + z * math.sqrt(0.95 * 0.05 / m)))
+    assert lo is not None and hi is not None
+    return lo, hi, n, m
+
+
 def evaluate_gates(gates: Gates, health: Health | None, baseline: Health | None) -> list[GateResult]:
     """Judge one wave's soak window. Gates without enough data pass, saying why."""
     h = health or Health()
@@ -240,18 +275,29 @@ def evaluate_gates(gates: Gates, health: Health | None, baseline: Health | None)
         inc = None if rate is None else rate - base
         ok = not enough or (inc is not None and inc <= gates.max_error_rate_increase)
         out.append(GateResult("error_rate_increase", ok, inc, gates.max_error_rate_increase,
-                              few if not enough else f"error rate {_fmt(rate, True)} vs {_fmt(base, True)} before "
+                              few if not enough else f"error rate {_fmt(rate, True)} vs {_fmt(base, True)} {baseline.label} "
                               f"(max increase {_fmt(gates.max_error_rate_increase, True)})"))
     if gates.max_p95_regression is not None and baseline is not None and baseline.p95_ms:
         reg = None if h.p95_ms is None else h.p95_ms / baseline.p95_ms - 1
         small = h.p95_ms is not None and h.p95_ms - baseline.p95_ms < gates.min_p95_increase_ms
-        ok = not enough or (reg is not None and (reg <= gates.max_p95_regression or small))
+        # a regression as measured, but within what that many inferences can tell apart
+        noise = None
+        if reg is not None and reg > gates.max_p95_regression and not small and gates.p95_confidence:
+            noise = p95_bounds(h, baseline, gates.p95_confidence)
+            if noise is not None and (noise[0] / noise[1] - 1 > gates.max_p95_regression
+                                      and noise[0] - noise[1] >= gates.min_p95_increase_ms):
+                noise = None  # a regression even at the ends of the intervals: it counts
+        ok = not enough or (reg is not None and (reg <= gates.max_p95_regression or small or noise is not None))
         detail = few
         if enough and reg is not None:
             detail = (f"p95 latency {_fmt(h.p95_ms)} ms vs {_fmt(baseline.p95_ms)} ms "
-                      f"before ({reg:+.0%}; max {gates.max_p95_regression:+.0%})")
+                      f"{baseline.label} ({reg:+.0%}; max {gates.max_p95_regression:+.0%})")
             if small and reg > gates.max_p95_regression:
                 detail += f", passed: only {h.p95_ms - baseline.p95_ms:+.2g} ms (< {gates.min_p95_increase_ms:g} ms)"  # type: ignore[operator]
+            elif noise is not None:
+                lo, hi, n, m = noise
+                detail += (f", passed: within the sampling noise of {n} vs {m} inferences (at {gates.p95_confidence:.0%} "
+                           f"confidence the new p95 may be as low as {_fmt(lo)} ms and the old as high as {_fmt(hi)} ms)")
         out.append(GateResult("p95_latency", ok, reg, gates.max_p95_regression, detail))
     if gates.min_availability is not None:
         av = h.availability
@@ -266,9 +312,26 @@ def evaluate_gates(gates: Gates, health: Health | None, baseline: Health | None)
         if gates.max_accuracy_drop is not None and baseline is not None and baseline.accuracy is not None:
             drop = baseline.accuracy - h.accuracy
             out.append(GateResult("accuracy_drop", drop <= gates.max_accuracy_drop, drop, gates.max_accuracy_drop,
-                                  f"accuracy {_fmt(h.accuracy, True)} vs {_fmt(baseline.accuracy, True)} before "
+                                  f"accuracy {_fmt(h.accuracy, True)} vs {_fmt(baseline.accuracy, True)} {baseline.label} "
                                   f"(max drop {_fmt(gates.max_accuracy_drop, True)})"))
     return out
+
+
+#: Gate names in an operator's words ("failed the p95 latency gate").
+GATE_WORDS = {"install": "install and smoke test", "error_rate": "error rate",
+              "error_rate_increase": "error-rate increase", "p95_latency": "p95 latency",
+              "availability": "availability", "accuracy": "accuracy", "accuracy_drop": "accuracy drop"}
+
+
+def wave_label(r: Rollout, i: int) -> str:
+    """"canary" for the first of several waves (when the strategy has a canary), else "wave N"."""
+    return "canary" if i == 0 and len(r.waves) > 1 and r.strategy.canary else f"wave {i}"
+
+
+def _who(r: Rollout, i: int) -> str:
+    """"the canary (pi-1)", "wave 2 (pi-4, pi-5)"."""
+    label = wave_label(r, i)
+    return f"{'the ' if label == 'canary' else ''}{label} ({', '.join(r.waves[i])})"
 
 
 def _log(r: Rollout, now: float, text: str) -> tuple[str, ...]:
@@ -289,9 +352,8 @@ def _rollback(r: Rollout, obs: Observation, reason: str, results: tuple[GateResu
 def _start_wave(r: Rollout, i: int, now: float) -> tuple[Rollout, list[Assign | Revert]]:
     devices = r.waves[i]
     states = dict(r.device_states) | dict.fromkeys(devices, "installing")
-    label = "canary" if i == 0 and len(r.waves) > 1 else f"wave {i}"
     nr = replace(r, phase=Phase.INSTALLING, wave=i, phase_since=now, device_states=states,
-                 history=_log(r, now, f"{label}: installing on {', '.join(devices)}"))
+                 history=_log(r, now, f"{wave_label(r, i)}: installing on {', '.join(devices)}"))
     return nr, [Assign(devices, r.artifact)]
 
 
@@ -320,16 +382,18 @@ def step(r: Rollout, obs: Observation) -> tuple[Rollout, list[Assign | Revert]]:
         timeouts = [d for d in wave if states[d] == "timeout"]
         ratio = len(failed) / len(wave)
         if ratio > r.gates.max_install_failure_ratio:
+            why = ", ".join(f"{d} ({obs.device_details[d][:300]})" if obs.device_details.get(d) else d for d in failed)
             res = GateResult("install", False, ratio, r.gates.max_install_failure_ratio,
-                             f"{len(failed)} of {len(wave)} device(s) failed to install or smoke-test: {', '.join(failed)}")
-            return _rollback(r, obs, res.detail, (res,))
+                             f"{len(failed)} of {len(wave)} device(s) failed to install or smoke-test: {why}")
+            return _rollback(r, obs, f"{_who(r, r.wave)} failed the install and smoke test gate: {res.detail}", (res,))
         if len(timeouts) == len(wave):
             res = GateResult("install", False, 1.0, r.gates.max_install_failure_ratio,
-                             f"no device of the wave answered within {r.strategy.install_timeout_s:g} s: {', '.join(timeouts)}")
-            return _rollback(r, obs, res.detail, (res,))
+                             f"no device of the wave answered within {r.strategy.install_timeout_s:g} s (offline?): "
+                             f"{', '.join(timeouts)}")
+            return _rollback(r, obs, f"{_who(r, r.wave)} failed the install and smoke test gate: {res.detail}", (res,))
         note = f"; timed out (offline?): {', '.join(timeouts)}" if timeouts else ""
-        return replace(r, phase=Phase.SOAKING, phase_since=obs.now,
-                       history=_log(r, obs.now, f"wave {r.wave} installed{note}; soaking {r.strategy.soak_s:g} s")), []
+        return replace(r, phase=Phase.SOAKING, phase_since=obs.now, history=_log(
+            r, obs.now, f"{wave_label(r, r.wave)} installed{note}; soaking {r.strategy.soak_s:g} s")), []
     # SOAKING
     soaked = obs.now - r.phase_since
     if soaked < r.strategy.soak_s:
@@ -340,11 +404,12 @@ def step(r: Rollout, obs: Observation) -> tuple[Rollout, list[Assign | Revert]]:
     results = tuple(evaluate_gates(r.gates, obs.wave_health, obs.baseline))
     failed_gates = [g for g in results if not g.passed]
     if failed_gates:
-        reason = f"wave {r.wave} ({', '.join(wave)}) failed " + "; ".join(f"{g.gate}: {g.detail}" for g in failed_gates)
+        reason = f"{_who(r, r.wave)} failed " + "; ".join(
+            f"the {GATE_WORDS.get(g.gate, g.gate)} gate: {g.detail}" for g in failed_gates)
         return _rollback(r, obs, reason, results)
     p95 = next((g.detail for g in results if g.gate == "p95_latency"), None)
     r = replace(r, gate_results=results, history=_log(
-        r, obs.now, f"wave {r.wave} passed its gates after {soaked:.0f} s ({n} inferences"
+        r, obs.now, f"{wave_label(r, r.wave)} passed its gates after {soaked:.0f} s ({n} inferences"
                     + (f"; {p95}" if p95 else "") + ")"))
     if r.wave + 1 < len(r.waves):
         return _start_wave(r, r.wave + 1, obs.now)

@@ -16,14 +16,16 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sdk.protocol.errors import DeployError
+from sdk.protocol.errors import DeployError, EdgeError
 
 from . import variants
 from .rollout import (
     FINAL,
+    GATE_WORDS,
     Assign,
     Gates,
     Health,
@@ -37,6 +39,7 @@ from .rollout import (
     new_rollout,
     reinstall,
     step,
+    wave_label,
 )
 
 if TYPE_CHECKING:
@@ -50,9 +53,6 @@ RUNNING = (Phase.PENDING.value, Phase.INSTALLING.value, Phase.SOAKING.value)
 BASELINE_LOOKBACK_S = 300.0
 #: Target states that are no news for the engine (not told yet, or told but silent so far).
 _SILENT = ("", "pending", "waiting")
-GATE_WORDS = {"install": "install and smoke test", "error_rate": "error rate",
-              "error_rate_increase": "error-rate increase", "p95_latency": "p95 latency",
-              "availability": "availability", "accuracy": "accuracy", "accuracy_drop": "accuracy drop"}
 
 
 def new_rollout_id() -> str:
@@ -61,10 +61,6 @@ def new_rollout_id() -> str:
 
 def _dt(t: float) -> datetime:
     return datetime.fromtimestamp(t, UTC)
-
-
-def wave_label(r: Rollout, i: int) -> str:
-    return "canary" if i == 0 and len(r.waves) > 1 and r.strategy.canary else f"wave {i}"
 
 
 def _size(s: float) -> str:
@@ -276,14 +272,17 @@ class Rollouts:
     def observe(self, r: Rollout, deployment_id: str, now: datetime) -> Observation:
         t = now.timestamp()
         states: dict[str, str] = {}
+        details: dict[str, str] = {}
         if r.phase == Phase.INSTALLING:
             targets = self.store.target_states(deployment_id)
             for d in r.waves[r.wave]:
-                st = targets.get(d, ("", ""))[0]
+                st, detail = targets.get(d, ("", ""))
                 if st not in _SILENT:
                     states[d] = st
+                if st == "failed" and detail:
+                    details[d] = detail  # the agent's own words: why the install or smoke test failed
         if r.phase != Phase.SOAKING or t - r.phase_since < r.strategy.soak_s:
-            return Observation(now=t, device_states=states)
+            return Observation(now=t, device_states=states, device_details=details)
         wave = list(r.waves[r.wave])
         since = _dt(r.phase_since)
         health = Health(**self.store.cohort_health(wave, since, now, artifact=r.artifact))
@@ -291,17 +290,32 @@ class Rollouts:
 
     def baseline(self, r: Rollout, soak_start: datetime, now: datetime) -> Health | None:
         """The previous model on the wave's own devices before their soak began; else the
-        targets still waiting for their wave, over the same soak window; else none."""
+        targets still waiting for their wave, over the same soak window; else none.
+
+        "Previous" is the model each device ran before this rollout: another model it ran in
+        the lookback (say a slow one rolled back a minute ago) is no measure of it. Only when the
+        wave's devices came from different models does any model but the new one count."""
         wave = list(r.waves[r.wave])
         lookback = timedelta(seconds=max(r.strategy.soak_s, BASELINE_LOOKBACK_S))
-        own = Health(**self.store.cohort_health(wave, soak_start - lookback, soak_start, other_than=r.artifact))
+        before = {r.previous.get(d) for d in wave}
+        prev = before.pop() if len(before) == 1 else None
+        which = {"artifact": prev} if prev is not None else {"other_than": r.artifact}
+        own = Health(**self.store.cohort_health(wave, soak_start - lookback, soak_start, **which))
         if own.inferences >= r.gates.min_inferences:
-            return own
+            model = f"with {self._model_name(prev)} " if prev is not None else ""
+            return replace(own, label=f"{model}on the same device{'s' * (len(wave) > 1)} before")
         waiting = [d for w in r.waves[r.wave + 1:] for d in w]
         fleet = Health(**self.store.cohort_health(waiting, soak_start, now, other_than=r.artifact))
         if fleet.inferences >= r.gates.min_inferences:
-            return fleet
+            return replace(fleet, label=f"on the {len(waiting)} device(s) still waiting, over the same time")
         return None
+
+    def _model_name(self, sha: str) -> str:
+        try:
+            a = self.store.artifact(sha)
+        except EdgeError:  # not stored (any more): its hash says which
+            return sha[:12]
+        return f"{a['name']} {a['version']}"
 
     # -- what operators see --------------------------------------------------------------------
 
@@ -395,6 +409,21 @@ def _wave_status(r: Rollout, i: int) -> str:
     return r.phase.value
 
 
+#: Why a gate failed, in an operator's words, about the new model ``{m}``.
+GATE_SENTENCES = {
+    "install": "{m} did not install",
+    "error_rate": "{m} failed too many inferences",
+    "error_rate_increase": "{m} failed more inferences than the previous model",
+    "p95_latency": "{m} answered more slowly than the previous model",
+    "availability": "the devices running {m} were offline too often",
+    "accuracy": "{m} was not accurate enough on labelled requests",
+    "accuracy_drop": "{m} was less accurate than the previous model",
+}
+#: The ``edgectl push --gate NAME=...`` that sets each traffic gate (see sdk.rollouts.GATES).
+GATE_FLAGS = {"error_rate": "errors", "error_rate_increase": "error_increase", "p95_latency": "p95",
+              "availability": "availability", "accuracy": "accuracy", "accuracy_drop": "accuracy_drop"}
+
+
 def explain(view: dict[str, Any], r: Rollout) -> list[str]:
     """The rollout in sentences an operator reads without knowing the engine."""
     name = f"{view['model'] or 'artifact'} {view['version'] or r.artifact[:12]}"
@@ -414,13 +443,18 @@ def explain(view: dict[str, Any], r: Rollout) -> list[str]:
     elif r.phase == Phase.ROLLED_BACK:
         failed = [g for g in r.gate_results if not g.passed]
         label = view["waves"][r.wave]["label"]
-        wave_devs = ", ".join(r.waves[r.wave])
-        if failed:
-            for g in failed:
-                lines.append(f"Rolled back because the {label} ({wave_devs}) failed the "
-                             f"{GATE_WORDS.get(g.gate, g.gate)} gate: {g.detail}.")
-        else:
-            lines.append(f"Rolled back: {r.reason}.")
+        who = f"{'the ' if label == 'canary' else ''}{label} ({', '.join(r.waves[r.wave])})"
+        for g in failed:
+            what = GATE_SENTENCES.get(g.gate, f"{{m}} failed the {GATE_WORDS.get(g.gate, g.gate)} gate").format(m=name)
+            lines.append(f"Rolled back because {what} on {who}: {g.detail}.")
+        flags = [GATE_FLAGS[g.gate] for g in failed if g.gate in GATE_FLAGS]
+        if flags:
+            lines.append(f"If that is acceptable, push it again with a looser limit "
+                         f"({', '.join(f'--gate {f}=...' for f in flags)}) or without the gate "
+                         f"({', '.join(f'--gate {f}=off' for f in flags)}).")
+        if not failed:
+            lines.append("Rolled back by an operator (edgectl rollout rollback): every device it changed returns "
+                         "to its previous model." if r.reason == "rolled back by operator" else f"Rolled back: {r.reason}.")
     elif r.phase == Phase.ABORTED:
         lines.append("Aborted by an operator: devices keep whatever they run now; later waves were never started.")
     elif r.phase == Phase.SUPERSEDED:

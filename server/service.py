@@ -28,7 +28,7 @@ from .rollout import Gates, Strategy
 from .rollouts import Rollouts
 from .rollouts import variant_roles as variant_roles_for
 from .security import BrokerAccounts
-from .store import NotFound, Store, chunk_count, utcnow
+from .store import NotFound, Store, chunk_count, unavailable, utcnow
 
 log = logging.getLogger("edgectl.server")
 
@@ -67,6 +67,10 @@ class Rejected(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 class Service:
@@ -115,16 +119,25 @@ class Service:
         """Ingest one device message; never raises (bad input is logged and counted)."""
         self.handle_batch([(topic, payload, received_at or self.clock())])
 
-    def handle_batch(self, items: list[tuple[str, bytes, datetime]]) -> None:
+    def handle_batch(self, items: list[tuple[str, bytes, datetime]], *, defer_unavailable: bool = False) -> list[int]:
         """Ingest messages in arrival order; never raises.
 
         Telemetry and heartbeats are collected and written in one transaction per run of them
         (``Store.ingest``); any other message first flushes what was collected, so a device's
         status is always stored before the telemetry that follows it.
+
+        Returns the indexes of the messages that are neither stored nor rejected for good
+        (empty unless ``defer_unavailable``). With ``defer_unavailable`` (the MQTT sides, which
+        acknowledge a message only once this returns) a database that is down or locked does
+        not count its messages as ``internal_error``: the first such failure stops the batch,
+        and the messages it did not take (the failed run and everything after it, so order
+        holds) are returned for the caller to offer again later. Telemetry stored by an earlier
+        half of a failed run is then refused as ``duplicate`` on the retry (harmless).
         """
         tele: list[tuple[str, str, messages.Telemetry, datetime]] = []
         beats: list[tuple[str, str, messages.Heartbeat, datetime]] = []
-        for topic, payload, now in items:
+        run: list[int] = []  # indexes of what tele and beats hold
+        for i, (topic, payload, now) in enumerate(items):
             try:
                 route, msg = self._decode(topic, payload)
                 if route.kind in (DeviceTopic.TELEMETRY, DeviceTopic.HEARTBEAT):
@@ -132,38 +145,54 @@ class Service:
                         raise Rejected("unknown_device", f"device {route.device_id!r} never sent a status message")
                     target = tele if route.kind is DeviceTopic.TELEMETRY else beats
                     target.append((topic, route.device_id, msg, now))  # type: ignore[arg-type]
+                    run.append(i)
                     continue
-                self._flush(tele, beats)
+                if not self._flush(tele, beats, defer_unavailable):
+                    return run + list(range(i, len(items)))
+                run.clear()
                 self._apply(route, msg, now)
             except Rejected as exc:
                 self._reject(topic, exc.reason, str(exc))
-            except Exception:
+            except Exception as exc:
+                if defer_unavailable and unavailable(exc):
+                    log.warning("the database is unavailable (%s); %d message(s) wait for it",
+                                _first_line(exc), len(run) + len(items) - i)
+                    return run + list(range(i, len(items)))
                 log.exception("failed to ingest a message on %r", topic[:200])
                 self._count("internal_error")
-        self._flush(tele, beats)
+        if not self._flush(tele, beats, defer_unavailable):
+            return run
+        return []
 
     def _flush(self, tele: list[tuple[str, str, messages.Telemetry, datetime]],
-               beats: list[tuple[str, str, messages.Heartbeat, datetime]]) -> None:
+               beats: list[tuple[str, str, messages.Heartbeat, datetime]], defer_unavailable: bool = False) -> bool:
+        """Store what was collected; False if the database was unavailable (with ``defer_unavailable``)."""
         if not tele and not beats:
-            return
-        self._store(tele, beats)
+            return True
+        done = self._store(tele, beats, defer_unavailable)
         tele.clear()
         beats.clear()
+        return done
 
     def _store(self, tele: list[tuple[str, str, messages.Telemetry, datetime]],
-               beats: list[tuple[str, str, messages.Heartbeat, datetime]]) -> None:
-        """One transaction; if it fails, each half again, so one message the database refuses
-        (a value out of its range, say) costs only itself, not the 2,000 stored with it."""
+               beats: list[tuple[str, str, messages.Heartbeat, datetime]], defer_unavailable: bool = False) -> bool:
+        """One transaction; if the database refuses it for its content, each half again, so one
+        message it refuses (a value out of its range, say) costs only itself, not the 2,000 stored
+        with it. A database that is down or locked fails the batch as a whole (no retry storm):
+        counted as ``internal_error``, or, with ``defer_unavailable``, returns False (not counted)."""
         try:
             results = self.store.ingest([(d, m, t) for _, d, m, t in tele], [(d, m, t) for _, d, m, t in beats])
-        except Exception:
-            if len(tele) > 1 or len(beats) > 1:
+        except Exception as exc:
+            if (len(tele) > 1 or len(beats) > 1) and not unavailable(exc):
                 cut, bcut = (len(tele) // 2, 0) if len(tele) > 1 else (len(tele), len(beats) // 2)
                 log.warning("storing a batch of %d telemetry and %d heartbeat messages failed; trying its halves",
                             len(tele), len(beats))
-                self._store(tele[:cut], beats[:bcut])
-                self._store(tele[cut:], beats[bcut:])
-                return
+                return (self._store(tele[:cut], beats[:bcut], defer_unavailable)
+                        and self._store(tele[cut:], beats[bcut:], defer_unavailable))
+            if defer_unavailable and unavailable(exc):
+                log.warning("the database is unavailable (%s); %d telemetry and %d heartbeat message(s) wait for it",
+                            _first_line(exc), len(tele), len(beats))
+                return False
             log.exception("failed to store a message on %r", (tele or beats)[0][0][:200])
             self._count("internal_error", len(tele) + len(beats))
         else:
@@ -179,6 +208,7 @@ class Service:
                 self.stats["telemetry_stored"] += stored
                 self.stats["heartbeats"] += len(beats)
                 self.stats["batches"] += 1
+        return True
 
     def merge_counts(self, stats: dict[str, int], rejected: dict[str, int]) -> None:
         """Add counters from an ingest worker process (``server.ingest``) to this server's."""
@@ -376,32 +406,69 @@ class Service:
 
         A pipeline bundle, or ``service`` / ``replicas`` / ``stage_map``, makes it a service on
         shared topics: ``server.placement`` chooses the devices and each one's stage, and the
-        deployment targets exactly those devices (``device:a,b,...``).
+        deployment targets exactly those devices (``device:a,b,...``). Every other device that
+        serves that service (or is told to) leaves it (:meth:`_leave_service`). A replica pool
+        (one stage) may be a gated rollout; a pipeline may not (its stages would run mixed versions).
         """
         manifest = self._manifest(artifact)
         roles: placement.Placement | None = None
         if manifest is not None and placement.is_service(manifest, service, replicas, stage_map):
-            if strategy is not None:
-                raise DeployError("pipelines and replica services are deployed at once: a gated rollout of "
-                                  "a service is not supported yet (drop the strategy)")
+            k = len((manifest.get("pipeline") or {}).get("stages") or [None])
+            if strategy is not None and k > 1:
+                raise DeployError(f"a {k}-stage pipeline is deployed at once, never in waves: during a gated "
+                                  "rollout its stages would run different versions, and a stage cannot take the "
+                                  "tensor of another version's previous stage; drop --canary/--waves/--soak/--gate "
+                                  "(a replica pool of one model can roll out in waves)")
             roles = self._place(manifest, selector, service, replicas, stage_map)
             selector = "device:" + ",".join(roles.roles)
+        fixed = roles.roles if roles is not None else None
         if strategy is not None:
-            return self.rollouts.create(artifact, selector, strategy, gates or Gates(), manifest=manifest)
-        # a bundle with variants: each device gets the one its profile prefers (server.variants)
-        variant_roles, choices = variant_roles_for(self.store, manifest) if roles is None else (None, {})
-        dep = self.store.create_deployment(artifact, selector, self.config.chunk_size, self.clock(),
-                                           roles=(lambda _targets: roles.roles) if roles is not None else variant_roles)
+            dep = self.rollouts.create(artifact, selector, strategy, gates or Gates(), manifest=manifest,
+                                       roles=(lambda _targets: fixed) if fixed is not None else None)
+        else:
+            # a bundle with variants: each device gets the one its profile prefers (server.variants)
+            variant_roles, choices = variant_roles_for(self.store, manifest) if roles is None else (None, {})
+            dep = self.store.create_deployment(artifact, selector, self.config.chunk_size, self.clock(),
+                                               roles=(lambda _targets: fixed) if fixed is not None else variant_roles)
+            if choices:
+                dep["variants"] = {d: c.to_dict() for d, c in choices.items()}
+            self.rollouts.supersede(dep["targets"], by=dep["id"])
+            self.publish_desired(dep["targets"])
+            log.info("deployment %s: %s %s to %s", dep["id"], dep["name"], dep["version"],
+                     ", ".join(dep["targets"]))
         if roles is not None:
             dep["service"] = {"name": roles.service, "stages": roles.stages, "replicas": roles.replicas,
-                              "why": roles.why}
-        if choices:
-            dep["variants"] = {d: c.to_dict() for d, c in choices.items()}
-        self.rollouts.supersede(dep["targets"], by=dep["id"])
-        self.publish_desired(dep["targets"])
-        log.info("deployment %s: %s %s to %s", dep["id"], dep["name"], dep["version"],
-                 ", ".join(dep["targets"]))
+                              "why": roles.why, "left": self._leave_service(roles.service, dep["targets"], dep["id"])}
         return dep
+
+    def _leave_service(self, service: str, targets: list[str], by: str) -> dict[str, dict[str, Any]]:
+        """Every device that serves ``service`` (``Store.service_members``) but is not one of the
+        ``targets`` of deployment ``by`` leaves it: a deployment of the model it runs (it re-uses
+        the installed bundle, no download) with no role in the service, so the agent unsubscribes
+        from the shared topic and the pool or pipeline keeps only the devices just chosen. One
+        such deployment per model kept; returns device -> {deployment, keeps, why}."""
+        members = {d: m for d, m in self.store.service_members(service).items() if d not in set(targets)}
+        groups: dict[str, list[str]] = {}
+        for d, m in members.items():
+            groups.setdefault(m["artifact"], []).append(d)
+        left: dict[str, dict[str, Any]] = {}
+        for art, devs in sorted(groups.items()):
+            keep = {d: {k: members[d][k] for k in ("file", "service", "stage", "stages")} for d in devs}
+            try:
+                dep = self.store.create_deployment(art, "device:" + ",".join(devs), self.config.chunk_size,
+                                                   self.clock(), roles=lambda _targets, keep=keep: keep)
+            except (DeployError, NotFound) as exc:  # e.g. a device deleted meanwhile: tell, go on
+                log.error("devices %s could not leave service %s: %s", ", ".join(devs), service, exc)
+                left.update({d: {"deployment": None, "why": members[d]["why"], "error": str(exc)} for d in devs})
+                continue
+            self.rollouts.supersede(dep["targets"], by=dep["id"])
+            self.publish_desired(dep["targets"])
+            for d in devs:
+                left[d] = {"deployment": dep["id"], "keeps": f"{dep['name']} {dep['version']}",
+                           "why": f"{members[d]['why']} of service {service}; {by} does not"}
+            log.info("deployment %s: %s leave(s) service %s (not chosen by %s), keeping %s %s", dep["id"],
+                     ", ".join(devs), service, by, dep["name"], dep["version"])
+        return left
 
     def _manifest(self, artifact: str) -> dict[str, Any] | None:
         """The stored artifact's manifest (verified at upload), or None if there is no such file."""

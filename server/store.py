@@ -124,6 +124,11 @@ class Device(Base):
     model_artifact: Mapped[str | None] = mapped_column(String(64))
     model_name: Mapped[str | None] = mapped_column(String(256))
     model_version: Mapped[str | None] = mapped_column(String(256))
+    #: The role it reports running (status ``active``): model file, shared service and stage.
+    model_file: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    model_service: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    model_stage: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    model_stages: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: The newest deployment that targets this device (its desired state).
     deployment_id: Mapped[str | None] = mapped_column(ForeignKey("deployments.id"))
     first_seen: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -448,6 +453,13 @@ def _select_in(conn: Connection, head: str, column: str, values: list[str], extr
 INGEST_ATTEMPTS = 5
 
 
+def unavailable(exc: BaseException) -> bool:
+    """The database is down, unreachable or locked (as opposed to refusing what it was given)."""
+    from sqlalchemy.exc import InterfaceError
+
+    return isinstance(exc, (OperationalError, InterfaceError))
+
+
 def _transient(exc: OperationalError) -> bool:
     code = getattr(exc.orig, "sqlstate", None)
     return code in ("40P01", "40001") or "database is locked" in str(exc.orig)
@@ -607,6 +619,8 @@ class Store:
             if msg.active is not None:
                 dev.model_artifact = msg.active.artifact
                 dev.model_name, dev.model_version = msg.active.name, msg.active.version
+                dev.model_file, dev.model_service = msg.active.file, msg.active.service
+                dev.model_stage, dev.model_stages = msg.active.stage, msg.active.stages
             dev.last_seen = max(dev.last_seen, now)
             s.flush()
             current = self._open_session(s, device_id)
@@ -897,7 +911,10 @@ class Store:
                           "detail": t.detail if t else ""}
         model = None
         if dev.model_artifact is not None:
-            model = {"artifact": dev.model_artifact, "name": dev.model_name, "version": dev.model_version}
+            role = {"file": dev.model_file, "service": dev.model_service, "stage": dev.model_stage,
+                    "stages": dev.model_stages}
+            model = {"artifact": dev.model_artifact, "name": dev.model_name, "version": dev.model_version,
+                     **{k: v for k, v in role.items() if v}}  # its role, when it has one
         return {
             "id": dev.id, "online": self._open_session(s, dev.id) is not None, "labels": dev.labels or {},
             "agent_version": dev.agent_version, "runtime": dev.runtime, "profile": dev.profile,
@@ -1077,6 +1094,43 @@ class Store:
                                         & (DeploymentTarget.device_id == Device.id))).all()
             return [(d, self._desired_msg(dep, a, t)) for d, dep, a, t in rows]
 
+    def service_members(self, service: str) -> dict[str, dict[str, Any]]:
+        """The devices that serve ``service`` or are told to, each with what it runs once it leaves
+        the service: ``{device: {"artifact", "file", "service", "stage", "stages", "why"}}``.
+
+        A device counts when its desired role (the target row of its current deployment) names
+        the service, or when the role it last reported (status ``active``) does and its desired
+        state will not move it elsewhere (that deployment failed on it or was rolled back, or
+        it has none). It keeps the model it reports running, in the role it reports unless that
+        is this service; a device that reports no model keeps its desired one, without a role.
+        """
+        t = DeploymentTarget
+        with self._session() as s:
+            rows = s.execute(select(Device, Deployment.artifact, t)
+                             .outerjoin(Deployment, Device.deployment_id == Deployment.id)
+                             .outerjoin(t, (t.deployment_id == Device.deployment_id) & (t.device_id == Device.id))
+                             .where((Device.model_service == service) | (t.service == service))
+                             .order_by(Device.id)).all()
+            out: dict[str, dict[str, Any]] = {}
+            none = {"service": "", "stage": 0, "stages": 0}
+            for dev, desired_artifact, target in rows:
+                if target is not None and target.service == service:
+                    why = f"its deployment {target.deployment_id} gives it stage {target.stage}/{target.stages}"
+                elif target is None or target.state in ("failed", *ENDED_STATES):
+                    why = f"it reports serving stage {dev.model_stage}/{dev.model_stages}"
+                else:
+                    continue  # its desired state (pending or active) moves it elsewhere already
+                if dev.model_artifact is not None:
+                    role = none if dev.model_service == service else {
+                        "service": dev.model_service, "stage": dev.model_stage, "stages": dev.model_stages}
+                    keep = {"artifact": dev.model_artifact, "file": dev.model_file, **role}
+                elif desired_artifact is not None and target is not None:
+                    keep = {"artifact": desired_artifact, "file": target.file, **none}
+                else:
+                    continue
+                out[dev.id] = {**keep, "why": why}
+            return out
+
     # -- rollouts ------------------------------------------------------------------------------
 
     def add_rollout(self, rollout_id: str, deployment_id: str, artifact: str, phase: str,
@@ -1167,15 +1221,16 @@ class Store:
     def cohort_health(self, device_ids: Sequence[str], since: datetime, until: datetime, *,
                       artifact: str | None = None, other_than: str | None = None) -> dict[str, Any]:
         """Health of a set of devices over [since, until] from raw telemetry: inferences, errors,
-        p95, availability, accuracy on labelled requests. ``artifact`` keeps only what that model
-        served; ``other_than`` only what any other model served (never intervals without one).
+        p95 (and the merged latency histogram behind it), availability, accuracy on labelled
+        requests. ``artifact`` keeps only what that model served; ``other_than`` only what any
+        other model served (never intervals without one).
 
         Only telemetry intervals that lie wholly in the window count: the interval in which a
         device installed a model is labelled with the new model but also holds the install's
         work (download, verification, smoke test), which is no fair measure of either model.
         """
         out: dict[str, Any] = {"inferences": 0, "errors": 0, "p95_ms": None, "availability": None,
-                               "accuracy": None, "labelled": 0}
+                               "accuracy": None, "labelled": 0, "latency_hist": None}
         ids = list(device_ids)
         if not ids:
             return out
@@ -1195,7 +1250,8 @@ class Store:
                 if _aware(at) - timedelta(seconds=interval_s) >= since:  # type: ignore[operator]
                     tele.add(Tele(1, count, errors, sum_ms, np.asarray(hist, dtype=np.int64)))
             summ = tele.summary()
-            out.update(inferences=tele.count, errors=tele.errors, p95_ms=summ["p95_ms"])
+            out.update(inferences=tele.count, errors=tele.errors, p95_ms=summ["p95_ms"],
+                       latency_hist=tele.hist.tolist() if tele.count else None)
             cs = ConnectionSession.__table__.c
             sessions: dict[str, list[tuple[datetime, datetime | None]]] = {}
             for d, a, b in conn.execute(select(cs.device_id, cs.started_at, cs.ended_at).where(

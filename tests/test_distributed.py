@@ -3,7 +3,9 @@
 Pipelines (model parallel: one stage per device, each forwarding its output tensor to the next
 stage's shared topic; the last stage answers the caller) must answer exactly what the host-side
 reference (``run_pipeline``) and the whole model answer; replicas (data parallel: one shared
-subscription) must spread the work and lose no request when one of them is killed mid-run.
+subscription) must spread the work and lose no request when one of them is killed mid-run; so
+must the hybrid (replicas of every stage). A smaller re-push of a pool makes the dropped replica
+leave the shared topic, and a pool rolls out wave by wave.
 """
 
 from __future__ import annotations
@@ -287,3 +289,126 @@ def test_replicas_spread_the_work_and_lose_nothing_when_one_is_killed(fleet: Loc
         late = Counter(a.trace[0]["device"] for a in answers[200:])
         assert victim not in late, f"a killed replica still got work: {late}"
     assert elapsed < 30
+
+
+def per_stage(answers: list[frames.InferResponse]) -> dict[int, Counter[str]]:
+    """Requests per device at each stage, from the per-hop timing every answer carries."""
+    out: dict[int, Counter[str]] = {}
+    for a in answers:
+        for hop in a.trace:
+            out.setdefault(hop["stage"], Counter())[hop["device"]] += 1
+    return out
+
+
+def test_two_replicas_of_a_two_stage_pipeline_share_the_work_and_survive_a_killed_stage(
+        fleet: LocalFleet, bundles, whole, digits) -> None:
+    """Hybrid: 2 replicas x 2 stages on 4 agents. The previous test killed dist-2: it comes back
+    with its last model, and a fourth agent joins."""
+    back = [d for d in (*DEVICES, "dist-4") if d not in fleet.agents or fleet.agents[d].poll() is not None]
+    for d in back:
+        fleet.start_agent(d, labels={"group": "dist"}, heartbeat=1, telemetry_interval=1)
+    fleet.wait_online(back)
+    out = push(fleet, bundles["p2"], "--to", "group:dist", "--replicas", "2", "--service", "digits-h")
+    stage_of = {d["device_id"]: d["stage"] for d in out["deployment"]["devices"]}
+    assert sorted(stage_of) == ["dist-1", "dist-2", "dist-3", "dist-4"] and sorted(stage_of.values()) == [1, 1, 2, 2]
+    assert out["service"] == {**out["service"], "name": "digits-h", "stages": 2, "replicas": 2, "left": {}}
+    b = read_bundle(bundles["p2"])
+    x = np.load(digits.eval)["x"][:160].astype(np.float32)
+    ref = run_pipeline(b, x)
+    with InferenceClient(fleet.broker) as ic:
+        answers = ask_all(ic, "digits-h", x)
+        assert all(a.ok for a in answers), [a.error for a in answers if not a.ok][:3]
+        got = np.concatenate([a.output for a in answers])
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, whole.run(x), rtol=1e-5, atol=1e-5)
+        by = per_stage(answers)
+        for stage in (1, 2):
+            replicas = {d for d, s in stage_of.items() if s == stage}
+            assert set(by[stage]) == replicas and min(by[stage].values()) >= 160 // 4, (stage, by[stage])
+
+        victim = min(d for d, s in stage_of.items() if s == 2)
+        killed: list[float] = []
+
+        def kill(i: int) -> None:
+            if i == 50:
+                fleet.kill_agent(victim)
+                killed.append(time.monotonic())
+
+        xs = np.concatenate([x, x[:40]])
+        answers = ask_all(ic, "digits-h", xs, during=kill, timeout=2.0, retries=4)
+    assert killed, "the stage-2 replica was never killed"
+    assert all(a.ok for a in answers), [a.error for a in answers if not a.ok][:3]
+    np.testing.assert_allclose(np.concatenate([a.output for a in answers]), np.concatenate([ref, ref[:40]]),
+                               rtol=1e-5, atol=1e-6)
+    late = per_stage(answers[120:])
+    assert victim not in late[2] and sum(late[2].values()) == 80, f"a killed stage replica still got work: {late}"
+    assert len(late[1]) == 2, late  # stage 1 keeps both replicas
+
+
+def version_of(bundle: Path, version: str, out: Path) -> Path:
+    """The same model as another version (a new bundle: another artifact)."""
+    b = read_bundle(bundle)
+    from sdk.protocol.bundle import write_bundle
+
+    write_bundle(out, {k: v for k, v in b.manifest.items() if k != "files"} | {"version": version}, b.files)
+    return out
+
+
+def test_a_smaller_pool_leaves_no_stale_replica_behind(fleet: LocalFleet, digits) -> None:
+    """3 replicas of 1.0.0, then 2 replicas of 2.0.0: the dropped one leaves the shared topic."""
+    alive = sorted(d for d, p in fleet.agents.items() if p.poll() is None)
+    assert len(alive) == 3, alive
+    push(fleet, digits.bundle, "--to", "device:" + ",".join(alive), "--replicas", "3", "--service", "digits-s")
+    v2 = version_of(digits.bundle, "2.0.0", fleet.workdir / "digits-2.bundle")
+    res = runner.invoke(app, ["push", str(v2), "--to", "device:" + ",".join(alive), "--replicas", "2",
+                              "--service", "digits-s", "--server", fleet.url, "--wait", "60"])
+    assert res.exit_code == 0, res.output
+    kept, dropped = alive[:2], alive[2]
+    assert f"{dropped}: leaves service digits-s: keeps running digits 1.0.0 (deployment " in res.stdout, res.stdout
+    with fleet.client() as c:
+
+        def left() -> Any:
+            dev = {d["id"]: d for d in c.devices()}[dropped]
+            return dev if dev["deployment"]["state"] == "active" and "service" not in dev["model"] else None
+
+        dev = wait_for(f"{dropped} reporting no service", left, timeout=15)
+        assert dev["model"]["version"] == "1.0.0" and dev["deployment"]["detail"].startswith("installed bundle re-used")
+        devs = {d["id"]: d for d in c.devices()}
+        assert [(devs[k]["model"]["version"], devs[k]["model"].get("service")) for k in kept] == [("2.0.0", "digits-s")] * 2
+    x = np.load(digits.eval)["x"][:100].astype(np.float32)
+    with InferenceClient(fleet.broker) as ic:
+        answers = ask_all(ic, "digits-s", x, timeout=3.0, retries=0)
+    assert all(a.ok for a in answers), [a.error for a in answers if not a.ok][:3]
+    assert {a.model_version for a in answers} == {"2.0.0"}
+    by = Counter(a.trace[0]["device"] for a in answers)
+    assert set(by) == set(kept), by  # both remaining replicas, never the dropped one
+
+
+def test_a_pool_rolls_out_wave_by_wave_and_every_answer_names_its_version(fleet: LocalFleet, digits) -> None:
+    """A gated rollout of a replica pool: while the canary soaks it serves 3.0.0 in the pool and
+    the replica of the later wave still serves 2.0.0 (answers carry model_version); then both."""
+    alive = sorted(d for d, p in fleet.agents.items() if p.poll() is None)
+    v3 = version_of(digits.bundle, "3.0.0", fleet.workdir / "digits-3.bundle")
+    res = runner.invoke(app, ["push", str(v3), "--to", "device:" + ",".join(alive), "--replicas", "2", "--service",
+                              "digits-s", "--canary", "1", "--soak", "2s", "--gate", "p95=off", "--gate", "min_inferences=0",
+                              "--server", fleet.url, "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    rid, waves = out["rollout"]["id"], [w["devices"] for w in out["rollout"]["waves"]]
+    assert sorted(d for w in waves for d in w) == alive[:2] and [len(w) for w in waves] == [1, 1], waves
+    assert out["service"]["left"] == {}  # the replica dropped by the previous test is no member any more
+    x = np.load(digits.eval)["x"][:40].astype(np.float32)
+    with fleet.client() as c, InferenceClient(fleet.broker) as ic:
+        wait_for("the canary soaking", lambda: c.rollout(rid)["phase"] == "soaking", timeout=20, every=0.05)
+        assert c.rollout_action(rid, "pause")["wave"] == 0  # held at the canary, however slow this host is
+        answers = ask_all(ic, "digits-s", x, timeout=3.0, retries=0)
+        c.rollout_action(rid, "resume")
+        assert all(a.ok for a in answers), [a.error for a in answers if not a.ok][:3]
+        assert {(a.trace[0]["device"], a.model_version) for a in answers} == {(waves[0][0], "3.0.0"),
+                                                                              (waves[1][0], "2.0.0")}
+        ro = wait_for("the rollout to complete", lambda: (r := c.rollout(rid))["phase"] in ("completed", "rolled_back")
+                      and r, timeout=30)
+        assert ro["phase"] == "completed", ro["summary"]
+        answers = ask_all(ic, "digits-s", x, timeout=3.0, retries=0)
+    assert all(a.ok for a in answers) and {a.model_version for a in answers} == {"3.0.0"}
+    assert {a.trace[0]["device"] for a in answers} == set(alive[:2])

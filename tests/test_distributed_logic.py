@@ -1,5 +1,7 @@
 """The pure parts of distributed deployment: who serves which stage, tensors between stages,
-stage telemetry on the wire and in fleet health, and an agent's stage driven in memory."""
+stage telemetry on the wire and in fleet health, and an agent's stage driven in memory; and,
+against the store (SQLite and PostgreSQL, no broker), who leaves a service after a re-push and
+a replica pool's gated rollout."""
 
 from __future__ import annotations
 
@@ -287,3 +289,103 @@ def test_an_agent_serves_its_stage_topic_only_while_its_role_names_it(tmp_path: 
     assert t.subs[-1] == ("unsub", group) and agent.active.service == ""
     agent.on_message(topics.service_infer("pipe", 2), b"late", request())
     assert agent._infer_q.empty()  # no longer routed
+
+
+# -- who serves a service after a re-push (the store, SQLite and PostgreSQL; no broker) ---------
+
+
+def serving(f: Any, device: str, artifact: str, version: str, service: str = "pool") -> None:
+    """The device's status says it runs ``artifact`` as a replica of ``service``."""
+    dep = f.store.desired(device).deployment_id
+    active = messages.ActiveModel(dep, artifact, "m", version, "", service, 1 if service else 0, 1 if service else 0)
+    f.svc.handle(topics.status(device), messages.Status(state="online", connection=f"c-{device}",
+                                                        active=active).encode(), f.clock())
+
+
+def test_a_smaller_pool_makes_every_dropped_replica_leave_the_service(tmp_path: Any, db_url: str) -> None:
+    from tests.test_server_rollouts import Fleet
+
+    f = Fleet(tmp_path, db_url)
+    try:
+        devs = ["p-a", "p-b", "p-c", "p-d", "p-e"]
+        f.online(*devs)
+        v1, v2, v3 = f.upload("1"), f.upload("2"), f.upload("3")
+        first = f.svc.create_deployment(v1, "all", service="pool", replicas=5)
+        assert first["service"]["left"] == {} and first["targets"] == devs
+        for d in devs:
+            f.report(d, "active")
+            serving(f, d, v1, "1")
+        assert f.store.device("p-c")["model"] == {"artifact": v1, "name": "m", "version": "1", "service": "pool",
+                                                  "stage": 1, "stages": 1}
+        # p-d: a plain deployment of v3 failed, so it still serves the pool (its status says so);
+        # p-e: a plain deployment of v3 is on its way: that will take it out of the pool anyway
+        f.svc.create_deployment(v3, "device:p-d,p-e")
+        f.report("p-d", "failed", "smoke test failed")
+        f.pub.sent.clear()
+
+        dep = f.svc.create_deployment(v2, "all", service="pool", replicas=2)
+        assert dep["targets"] == ["p-a", "p-b"]
+        left = dep["service"]["left"]
+        assert sorted(left) == ["p-c", "p-d"], left
+        assert left["p-c"]["keeps"] == "m 1" and "gives it stage 1/1 of service pool" in left["p-c"]["why"]
+        assert "reports serving stage 1/1 of service pool" in left["p-d"]["why"]
+        assert left["p-c"]["deployment"] == left["p-d"]["deployment"] != dep["id"]  # one per model kept
+        for d in ("p-c", "p-d"):
+            told = f.desired_sent(d)[-1]  # retained: an agent that is offline gets it on connect
+            assert (told.artifact, told.file, told.service, told.stage, told.stages) == (v1, "", "", 0, 0)
+            assert told.deployment_id == left[d]["deployment"]
+        assert f.desired_sent("p-e") == [] and f.store.desired("p-e").artifact == v3  # left alone
+        assert sorted(f.store.service_members("pool")) == ["p-a", "p-b"]  # told: p-c, p-d no longer count
+
+        # the agents carry it out (same bundle, role cleared) and say so
+        for d in ("p-c", "p-d"):
+            f.report(d, "active")
+            serving(f, d, v1, "1", service="")
+        assert "service" not in f.store.device("p-c")["model"]
+        again = f.svc.create_deployment(v2, "all", service="pool", replicas=2)
+        assert again["service"]["left"] == {}
+        # a device that only reports a model (no desired state of its own) keeps it, role cleared
+        f.svc.handle(topics.status("p-x"), messages.Status(state="online", connection="c-p-x", active=messages.ActiveModel(
+            None, v1, "m", "1", "", "other", 1, 1)).encode(), f.clock())
+        other = f.svc.create_deployment(v2, "device:p-a", service="other")
+        assert list(other["service"]["left"]) == ["p-x"] and f.store.desired("p-x").service == ""
+    finally:
+        f.store.close()
+
+
+def test_a_pool_rolls_out_in_waves_and_a_pipeline_is_refused(tmp_path: Any, db_url: str) -> None:
+    from server.rollout import Gates, Strategy
+    from tests.test_server_rollouts import Fleet
+
+    f = Fleet(tmp_path, db_url)
+    try:
+        devs = ["w-1", "w-2", "w-3", "w-4"]
+        f.online(*devs)
+        v1, v2 = f.upload("1"), f.upload("2")
+        f.svc.create_deployment(v1, "all", service="pool", replicas=4)
+        for d in devs:
+            f.report(d, "active")
+            serving(f, d, v1, "1")
+        dep = f.svc.create_deployment(v2, "all", Strategy(canary=1, waves=(), soak_s=10), Gates(min_inferences=0),
+                                      service="pool", replicas=3)
+        assert dep["service"]["replicas"] == 3 and sorted(dep["service"]["left"]) == ["w-4"]
+        assert [w["devices"] for w in dep["rollout"]["waves"]] == [["w-1"], ["w-2", "w-3"]]
+        # the canary serves v2 in the pool; the later wave keeps serving v1 in the same pool
+        canary, later = f.store.desired("w-1"), f.store.desired("w-2")
+        assert (canary.artifact, canary.service, canary.stage, canary.stages) == (v2, "pool", 1, 1)
+        assert (later.artifact, later.service) == (v1, "pool")
+        assert (f.store.desired("w-4").artifact, f.store.desired("w-4").service) == (v1, "")
+        f.clock.tick(1)
+        f.report("w-1", "active")
+        f.svc.rollouts.tick()
+        f.clock.tick(11)
+        f.svc.rollouts.tick()  # the canary passes; the next wave is told, with its role
+        assert all((f.store.desired(d).artifact, f.store.desired(d).service) == (v2, "pool") for d in ("w-2", "w-3"))
+
+        pipe, _ = stage_bundle(tmp_path / "pipe.zip")
+        art, _ = f.svc.add_artifact(pipe)
+        with pytest.raises(DeployError, match="a 2-stage pipeline is deployed at once, never in waves: during a "
+                                              "gated rollout its stages would run different versions"):
+            f.svc.create_deployment(art["sha256"], "all", Strategy(canary=1), Gates())
+    finally:
+        f.store.close()

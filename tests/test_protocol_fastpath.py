@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import pytest
@@ -93,3 +94,24 @@ def test_the_usual_message_takes_the_fast_path() -> None:
     assert messages.Telemetry._usual(data) == messages.Telemetry._checked(data)
     data["health"] = {"temp_c": 41.5, "runtime": "litert"}
     assert messages.Telemetry._usual(data) == messages.Telemetry._checked(data)
+
+
+@pytest.mark.parametrize(("name", "value", "why"), [
+    ("rss_bytes", -1, "must be in [0, 1125899906842624], got -1"),
+    ("rss_bytes", messages.MAX_RSS_BYTES + 1, "must be in [0, 1125899906842624]"),
+    ("rss_bytes", 2**63, "must be in [0, 1125899906842624]"),  # would overflow the BIGINT column
+    ("cpu_percent", 100_000.5, "must be <= 100000, got 100000"),
+    ("cpu_percent", 10**6, "must be <= 100000"),
+    ("interval_s", 1e300, "must be <= 9.0072e+15"),
+    ("latency_sum_ms", 2**53 + 2, "must be <= 9.0072e+15"),
+    ("latency_sum_ms", 10**400, "must be finite"),  # float() of it would raise OverflowError
+])
+def test_numbers_out_of_range_are_refused_by_both_paths(name: str, value: Any, why: str) -> None:
+    data = usual()
+    data[name] = value
+    assert messages.Telemetry._usual(data) is None, "the fast path never accepts it"
+    with pytest.raises(ProtocolError, match=rf"field '{name}' {re.escape(why)}"):
+        messages.decode("telemetry", json.dumps(data).encode())
+    agree(data)
+    data[name] = {"rss_bytes": messages.MAX_RSS_BYTES, "cpu_percent": messages.MAX_CPU_PERCENT}.get(name, messages.MAX_FLOAT)
+    assert messages.Telemetry._usual(data) == messages.Telemetry._checked(data), "the bound itself is fine"

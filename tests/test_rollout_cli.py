@@ -19,6 +19,8 @@ def test_sizes_durations_and_gates() -> None:
                      "min_availability": pytest.approx(0.95), "min_inferences": 50,
                      "min_p95_increase_ms": pytest.approx(2.0), "max_accuracy_drop": pytest.approx(0.01)}
     assert parse_gates(["p95_floor=0.5"]) == {"min_p95_increase_ms": pytest.approx(0.5)}
+    assert parse_gates(["p95_confidence=99%"]) == {"p95_confidence": pytest.approx(0.99)}
+    assert parse_gates(["p95_confidence=off"]) == {"p95_confidence": None}  # compare the p95s as measured
 
 
 @pytest.mark.parametrize(("spec", "message"), [
@@ -87,3 +89,22 @@ def test_watch_follows_the_rollout_until_it_ends(monkeypatch: pytest.MonkeyPatch
     lines = plain.getvalue().splitlines()
     assert res.exit_code == 0 and lines[:2] == ["installing wave 1/1: pi-1=downloading", "completed wave 1/1: pi-1=active"]
     assert "it is completed" in plain.getvalue()
+
+
+def test_rollout_tables_print_device_words_as_text_and_cut_them_at_a_word() -> None:
+    import io
+
+    from rich.console import Console
+
+    from sdk.cli import rollout_renderables
+
+    view = _view("rolled_back", "failed")
+    view["devices"][0] |= {"target_state": "failed", "detail": "smoke test: got [0.9 0.1], expected [0.1 0.9]"}
+    view["gate_results"] = [{"gate": "install", "passed": False, "detail": "pi-1 ([bold]1[/bold] of 1) " + "x " * 300}]
+    buf = io.StringIO()
+    console = Console(file=buf, width=400)
+    for part in rollout_renderables(view):
+        console.print(part)
+    text = buf.getvalue()
+    assert "smoke test: got [0.9 0.1], expected [0.1 0.9]" in text  # not taken for rich markup
+    assert "pi-1 ([bold]1[/bold] of 1) x x" in text and "x …" in text and "x x x x x" + " x" * 300 not in text

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from sdk.protocol import histogram
 from server.rollout import (
     Assign,
     Gates,
@@ -19,6 +20,7 @@ from server.rollout import (
     command,
     evaluate_gates,
     new_rollout,
+    p95_bounds,
     plan_waves,
     step,
 )
@@ -89,10 +91,12 @@ def test_a_good_model_goes_canary_then_waves_then_completes() -> None:
 def test_a_smoke_test_failure_stops_at_the_canary_and_reverts_it() -> None:
     r = new_rollout("r1", "new", DEVICES, PREV, Strategy(canary=2, waves=(0.5,)))
     r, _ = step(r, Observation(now=0))
-    r, acts = step(r, Observation(now=3, device_states={"d0": "active", "d1": "failed"}))
+    r, acts = step(r, Observation(now=3, device_states={"d0": "active", "d1": "failed"},
+                                  device_details={"d1": "smoke test failed: output differs by 1.0"}))
     assert r.phase == Phase.ROLLED_BACK
     assert acts == [Revert((("d0", "old"), ("d1", "old")))]
-    assert "1 of 2 device(s) failed to install or smoke-test: d1" in r.reason
+    assert r.reason == ("the canary (d0, d1) failed the install and smoke test gate: 1 of 2 device(s) failed to "
+                        "install or smoke-test: d1 (smoke test failed: output differs by 1.0)")
     assert not set(r.assigned) - {"d0", "d1"}  # nobody outside the canary got the model
     assert step(r, Observation(now=100)) == (r, [])  # final
 
@@ -136,7 +140,7 @@ def test_the_latency_gate_at_its_boundary_and_a_3x_slower_model() -> None:
     assert r.phase == Phase.INSTALLING and r.wave == 1
     r, acts = slow_wave(15.0)  # 3x slower
     assert r.phase == Phase.ROLLED_BACK and acts == [Revert((("d0", "old"),))]
-    assert "p95_latency: p95 latency 15 ms vs 5 ms before (+200%; max +20%)" in r.reason
+    assert r.reason == "the canary (d0) failed the p95 latency gate: p95 latency 15 ms vs 5 ms before (+200%; max +20%)"
     failed = [g for g in r.gate_results if not g.passed]
     assert [g.gate for g in failed] == ["p95_latency"] and failed[0].value == pytest.approx(2.0)
 
@@ -225,3 +229,33 @@ def test_a_quiet_wave_soaks_longer_but_never_wedges() -> None:
     assert r4.phase == Phase.COMPLETED and "not judged: 5 inferences" in r4.gate_results[0].detail
     with pytest.raises(RolloutError):
         Strategy(max_soak_factor=0.5)
+
+
+def measured(**latencies: int) -> Health:
+    """Health with a real latency histogram: ``measured(_3=280, _6=20)`` is 280 inferences at
+    3 ms and 20 at 6 ms."""
+    counts = histogram.empty()
+    for ms, n in latencies.items():
+        counts[histogram.bucket_of(float(ms.lstrip("_").replace("_", ".")))] += n
+    return Health(inferences=sum(counts), p95_ms=histogram.quantile(counts, 0.95), availability=1.0,
+                  latency_hist=tuple(counts))
+
+
+def test_a_p95_regression_within_the_sampling_noise_of_few_inferences_is_not_one() -> None:
+    before = measured(_3=280, _6=20)  # a shared CPU: 1 inference in 15 is preempted
+    # 30 inferences of the same model, 3 of them preempted: the p95 (2nd largest) says +33 %
+    noisy = {g.gate: g for g in evaluate_gates(Gates(), measured(_3=27, _7=3), before)}["p95_latency"]
+    assert noisy.passed and noisy.value == pytest.approx(0.33, abs=0.01)
+    assert "passed: within the sampling noise of 30 vs 300 inferences (at 95% confidence the new p95 may be as " \
+           "low as 3.15 ms and the old as high as 5.7 ms)" in noisy.detail
+    raw = {g.gate: g for g in evaluate_gates(Gates(p95_confidence=None), measured(_3=27, _7=3), before)}
+    assert not raw["p95_latency"].passed  # the point estimates alone would roll it back
+    # the same shape over 3000 inferences is no accident: it counts
+    many = {g.gate: g for g in evaluate_gates(Gates(), measured(_3=2600, _7=400), measured(_3=2800, _6=200))}
+    assert not many["p95_latency"].passed
+    # a model 3x slower is caught from 30 inferences (at the low end of its interval, +71 %)
+    slow = {g.gate: g for g in evaluate_gates(Gates(), measured(_9=30), before)}["p95_latency"]
+    assert not slow.passed and p95_bounds(measured(_9=30), before, 0.95)[:2] == pytest.approx((9.74, 5.70), abs=0.01)
+    assert "sampling noise" not in slow.detail
+    with pytest.raises(RolloutError, match="p95_confidence 1.0 must be in"):
+        Gates(p95_confidence=1.0)

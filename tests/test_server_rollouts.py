@@ -127,7 +127,7 @@ def test_a_good_rollout_assigns_wave_by_wave_and_completes(fleet: Fleet) -> None
     assert view["phase"] == "installing" and view["wave"] == 1
     assert {g["gate"]: g["passed"] for g in view["gate_results"]}["error_rate"] is True
     assert [f.store.desired(d).artifact for d in DEVS] == [new, new, new, old]
-    assert view["history"][-2].endswith("wave 0 passed its gates after 10 s (50 inferences)")  # no baseline: no p95 gate
+    assert view["history"][-2].endswith("canary passed its gates after 10 s (50 inferences)")  # no baseline: no p95 gate
     for wave in (["pi-2", "pi-3"], ["pi-4"]):
         f.clock.tick(1)
         f.all_active(wave)
@@ -181,11 +181,46 @@ def test_a_slow_canary_is_rolled_back_to_its_previous_deployment(fleet: Fleet) -
     f.svc.handle(topics.status("pi-1"), messages.Status(
         state="online", connection="c-pi-1", active=messages.ActiveModel(old_dep, old, "m", "1")).encode(), f.clock())
     text = " ".join(f.svc.rollouts.show(rid)["summary"])
-    assert "Rolled back because the canary (pi-1) failed the p95 latency gate: p95 latency" in text
+    assert ("Rolled back because m 3 answered more slowly than the previous model on the canary (pi-1): p95 latency "
+            "3.94 ms vs 0.989 ms with m 1 on the same device before (+298%; max +20%).") in text
+    assert "If that is acceptable, push it again with a looser limit (--gate p95=...) or without the gate " \
+           "(--gate p95=off)." in text
+    assert view["reason"].startswith("the canary (pi-1) failed the p95 latency gate: p95 latency 3.94 ms vs 0.989 ms")
     assert "Returned to their previous model: pi-1 (back on m 1)" in text
     assert "Never received m 3: pi-2, pi-3, pi-4." in text
     f.clock.tick(60)
     assert f.svc.rollouts.tick() == 0  # final: nothing to advance
+
+
+def test_the_baseline_is_the_previous_model_not_a_slow_one_rolled_back_meanwhile(fleet: Fleet) -> None:
+    f = fleet
+    old = on_old(f)
+    for d in DEVS:
+        f.telemetry(d, old, 100, 1.0)
+    f.clock.tick(30)
+
+    def canary(version: str, ms: float) -> dict:
+        new = f.upload(version)
+        rid = f.svc.create_deployment(new, "all", Strategy(canary=1, waves=(0.5,), soak_s=10),
+                                      Gates(min_inferences=10))["rollout"]["id"]
+        f.clock.tick(1)
+        f.report("pi-1", "active")
+        f.svc.rollouts.tick()
+        f.clock.tick(5)
+        f.telemetry("pi-1", new, 100, ms)
+        f.clock.tick(5)
+        f.svc.rollouts.tick()
+        return f.svc.rollouts.show(rid)
+
+    assert canary("3", 3.2)["phase"] == "rolled_back"  # pi-1 ran the slow model for a while
+    f.report("pi-1", "active", "rolled back to slot a without download")
+    f.clock.tick(10)
+    # 2.5 ms is +150 % over the previous model (1 ms), though faster than the slow one (3.2 ms)
+    view = canary("4", 2.5)
+    assert view["phase"] == "rolled_back", view["summary"]
+    (p95,) = [g for g in view["gate_results"] if g["gate"] == "p95_latency"]
+    assert not p95["passed"] and "p95 latency 2.48 ms vs 0.989 ms with m 1 on the same device before (+151%" \
+        in p95["detail"], p95
 
 
 def test_a_failed_smoke_test_stops_at_the_canary(fleet: Fleet) -> None:
@@ -199,7 +234,11 @@ def test_a_failed_smoke_test_stops_at_the_canary(fleet: Fleet) -> None:
     f.svc.rollouts.tick()
     view = f.svc.rollouts.show(dep["rollout"]["id"])
     assert view["phase"] == "rolled_back"
-    assert "1 of 2 device(s) failed to install or smoke-test: pi-2" in view["reason"]
+    # the agent's own words say why, in the reason and in the operator's summary
+    assert view["reason"] == ("the canary (pi-1, pi-2) failed the install and smoke test gate: 1 of 2 device(s) failed "
+                              "to install or smoke-test: pi-2 (bundle m 4 failed on this device: sample output differs)")
+    assert ("Rolled back because m 4 did not install on the canary (pi-1, pi-2): 1 of 2 device(s) failed to install or "
+            "smoke-test: pi-2 (bundle m 4 failed on this device: sample output differs).") in view["summary"]
     assert [f.store.desired(d).artifact for d in DEVS] == [old] * 4
 
 
@@ -253,6 +292,8 @@ def test_operator_commands_and_a_restart_resume_from_the_database(fleet: Fleet) 
     assert f.svc.rollouts.show(rid)["phase"] == "completed"
     back = f.svc.rollouts.advance(rid, cmd="rollback")
     assert back["phase"] == "rolled_back"
+    assert ("Rolled back by an operator (edgectl rollout rollback): every device it changed returns to its "
+            "previous model.") in f.svc.rollouts.show(rid)["summary"]
     assert {d.artifact for d in (f.store.desired(x) for x in DEVS)} != {new}
     assert f.svc.rollouts.list()[0]["id"] == rid
 

@@ -20,6 +20,13 @@ from .topics import DeviceTopic, valid_id
 
 #: Largest JSON control/telemetry message accepted (bytes).
 MAX_JSON_BYTES = 64 * 1024
+#: Largest value of any float field (seconds, milliseconds, sums of them): 2**53, beyond which a
+#: float no longer holds every integer; a sum of such values stays finite in the rollups.
+MAX_FLOAT = float(2**53)
+#: Largest ``Telemetry.cpu_percent``: 100 % per core, up to 1,000 cores.
+MAX_CPU_PERCENT = 100_000.0
+#: Largest ``Telemetry.rss_bytes`` (1 PiB; the column is a signed 64-bit integer).
+MAX_RSS_BYTES = 2**50
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 AGENT_STATES = (
@@ -54,21 +61,25 @@ class _Reader:
         # bool is an int in Python; never accept it where a number is meant.
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
         if not ok and float in types and isinstance(value, int) and not isinstance(value, bool):
+            _check(abs(value) < 2**1024, self.kind, name, "must be finite")  # float() would overflow
             value, ok = float(value), True
         _check(ok, self.kind, name, f"must be {'/'.join(t.__name__ for t in types)}, got {type(value).__name__}")
         if isinstance(value, float):
             _check(math.isfinite(value), self.kind, name, "must be finite")
         return value
 
-    def nonneg_int(self, name: str, *, optional: bool = False, default: int = 0, maximum: int = 2**62) -> int:
+    def nonneg_int(self, name: str, *, optional: bool = False, default: int | None = 0, maximum: int = 2**62) -> int:
         value = self.get(name, int, optional=optional, default=default)
-        _check(0 <= value <= maximum, self.kind, name, f"must be in [0, {maximum}], got {value}")
+        if value is not None:  # absent, with default None
+            _check(0 <= value <= maximum, self.kind, name, f"must be in [0, {maximum}], got {value}")
         return value
 
-    def nonneg_float(self, name: str, *, optional: bool = False, default: float | None = 0.0) -> float | None:
+    def nonneg_float(self, name: str, *, optional: bool = False, default: float | None = 0.0,
+                     maximum: float = MAX_FLOAT) -> float | None:
         value = self.get(name, float, optional=optional, default=default)
         if value is not None:
             _check(value >= 0, self.kind, name, f"must be >= 0, got {value}")
+            _check(value <= maximum, self.kind, name, f"must be <= {maximum:g}, got {value:g}")
         return value
 
     def text(self, name: str, *, optional: bool = False, default: str | None = None, max_len: int = 256) -> str | None:
@@ -291,10 +302,10 @@ class Telemetry(Message):
                 and sum(hist) == count - errors):
             return None
         interval, sum_ms, cpu = _plain_nonneg(g("interval_s")), _plain_nonneg(g("latency_sum_ms")), g("cpu_percent")
-        if interval is None or sum_ms is None or (cpu is not None and (cpu := _plain_nonneg(cpu)) is None):
+        if interval is None or sum_ms is None or (cpu is not None and (cpu := _plain_nonneg(cpu, MAX_CPU_PERCENT)) is None):
             return None
         rss, art, mv = g("rss_bytes"), g("artifact"), g("model_version")
-        if ((rss is not None and type(rss) is not int)
+        if ((rss is not None and not (type(rss) is int and 0 <= rss <= MAX_RSS_BYTES))
                 or (art is not None and not (type(art) is str and _SHA_RE.match(art)))
                 or (mv is not None and not (type(mv) is str and len(mv) <= 256))):
             return None
@@ -321,8 +332,8 @@ class Telemetry(Message):
             errors=r.nonneg_int("errors", maximum=2**40),
             latency_hist=list(hist),
             latency_sum_ms=r.nonneg_float("latency_sum_ms"),  # type: ignore[arg-type]
-            cpu_percent=r.nonneg_float("cpu_percent", optional=True, default=None),
-            rss_bytes=r.get("rss_bytes", int, optional=True),
+            cpu_percent=r.nonneg_float("cpu_percent", optional=True, default=None, maximum=MAX_CPU_PERCENT),
+            rss_bytes=r.nonneg_int("rss_bytes", optional=True, default=None, maximum=MAX_RSS_BYTES),
             artifact=r.sha("artifact", optional=True),
             model_version=r.text("model_version", optional=True),
             drift=_drift_field(r),
@@ -340,11 +351,11 @@ _U40, _U62 = 2**40, 2**62
 _INT_ONLY = {int}
 
 
-def _plain_nonneg(value: Any) -> float | None:
-    """A JSON number that is plainly a finite float >= 0 (ints below 2**53 become floats), else None."""
+def _plain_nonneg(value: Any, maximum: float = MAX_FLOAT) -> float | None:
+    """A JSON number that is plainly a float in [0, maximum] (ints below 2**53 become floats), else None."""
     if type(value) is float:
-        return value if 0.0 <= value < math.inf else None  # NaN fails both comparisons
-    if type(value) is int and 0 <= value < 2**53:
+        return value if 0.0 <= value <= maximum else None  # NaN fails both comparisons
+    if type(value) is int and 0 <= value < 2**53 and value <= maximum:
         return float(value)
     return None
 
