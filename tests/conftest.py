@@ -8,9 +8,10 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -19,6 +20,21 @@ from server.broker import render_config
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 PG_ADMIN_URL = os.environ.get("EDGECTL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+T = TypeVar("T")
+
+
+def wait_for(fn: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+    """Poll ``fn`` until it returns something truthy (returned); TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not met after {timeout}s (last value {value!r})")
+        time.sleep(0.02)
 
 
 def free_port() -> int:

@@ -9,25 +9,12 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from agent.transport import MqttTransport, NetLoop
-
-T = TypeVar("T")
-
-
-def wait_for(fn: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met after {timeout}s (last value {value!r})")
-        time.sleep(0.02)
+from tests.conftest import wait_for
 
 
 def test_one_loop_serves_many_transports(mosquitto: Any) -> None:

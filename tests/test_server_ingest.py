@@ -13,10 +13,9 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -36,19 +35,7 @@ from server.mqtt import MqttSide
 from server.mqttlite import Subscriber
 from server.service import INGESTED, Service
 from server.store import Store, utcnow
-
-T = TypeVar("T")
-
-
-def wait_for(fn: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met after {timeout}s (last value {value!r})")
-        time.sleep(0.02)
+from tests.conftest import wait_for
 
 
 def publisher(broker: Any) -> mqtt.Client:

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import numpy as np
@@ -26,11 +26,11 @@ import pytest
 
 from sdk.protocol import frames, messages, topics
 from sdk.protocol.bundle import tensor_spec, write_bundle
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-T = TypeVar("T")
 
 
 def make_bundle(tmp: Path) -> bytes:
@@ -46,17 +46,6 @@ def make_bundle(tmp: Path) -> bytes:
     path = tmp / "m.bundle"
     write_bundle(path, manifest, files)
     return path.read_bytes()
-
-
-def wait_for(fn: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met after {timeout}s (last value {value!r})")
-        time.sleep(0.05)
 
 
 def pid_alive(pid: int) -> bool:

@@ -3,11 +3,9 @@ state, chunked download, smoke test, activation) and answer inference over MQTT.
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,20 +19,9 @@ from server.config import Config
 from server.mqtt import MqttSide
 from server.service import Service
 from server.store import Store
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
-T = TypeVar("T")
-
-
-def wait_for(fn: Callable[[], T], timeout: float = 20.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met after {timeout}s (last value {value!r})")
-        time.sleep(0.05)
 
 
 def test_shared_loop_devices_deploy_and_answer(mosquitto: Any, tmp_path: Path) -> None:
