@@ -8,40 +8,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.core import Agent
 from agent.slots import DataDir
-from sdk.protocol import frames, messages, topics
+from sdk.protocol import frames, messages
 from sdk.protocol.bundle import tensor_spec, write_bundle
 from sdk.protocol.runtime import TFLiteModel
+from tests.memory_agent import CHUNK, MemoryTransport, deliver, infer
 
 DEV = "pi-roles"
-CHUNK = 4096
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes, Any]] = []
-
-    def start(self, on_connect: Any, on_message: Any) -> None:
-        on_connect()
-
-    def subscribe(self, topics: list[str], qos: int = 1) -> None:
-        pass
-
-    def unsubscribe(self, topics: list[str]) -> None:
-        pass
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, properties: Any = None) -> None:
-        self.published.append((topic, payload, properties))
-
-    def stop(self, final: Any = None, timeout: float = 5.0) -> None:
-        pass
-
-    def on(self, kind: str) -> list[Any]:
-        return [messages.decode(kind, p) for t, p, _ in self.published if t == topics.device(DEV, kind)]
 
 
 @pytest.fixture(scope="module")
@@ -72,52 +47,35 @@ def _desired(sha: str, size: int, dep: str, **role: Any) -> bytes:
     return messages.Desired(dep, sha, size, CHUNK, "roles", "1", **role).encode()
 
 
-def _deliver(agent: Agent, t: Transport, data: bytes, sha: str) -> None:
-    """Play the server: answer every fetch with the chunks it asks for."""
-    count = -(-len(data) // CHUNK)
-    answered = 0
-    while answered < len(t.on("fetch")):
-        for i in t.on("fetch")[answered].indexes:
-            agent.handle_chunk(frames.Chunk(sha, i, count, data[i * CHUNK:(i + 1) * CHUNK]).encode())
-        answered += 1
-
-
-def _infer(agent: Agent, t: Transport, x: np.ndarray) -> frames.InferResponse:
-    props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = topics.client_responses("tester")
-    agent.handle_infer(frames.tensor_to_npy(x), props)
-    return frames.InferResponse.decode(t.published[-1][1])
-
-
 def test_a_device_runs_the_file_its_role_names_and_changes_role_without_download(
         bundle: tuple[bytes, str, dict[str, bytes], np.ndarray], tmp_path: Path) -> None:
     data, sha, models, x = bundle
-    t = Transport()
+    t = MemoryTransport(DEV)
     agent = Agent(DEV, t, DataDir(tmp_path))
     agent.transport.start(agent._on_connect, agent.on_message)
 
     agent.handle_desired(_desired(sha, len(data), "dep-1"))
-    _deliver(agent, t, data, sha)
+    deliver(agent, t, data, sha)
     assert t.on("reported")[-1].state == "active"
-    np.testing.assert_allclose(_infer(agent, t, x).output, TFLiteModel(models["model.tflite"]).run(x), rtol=1e-6)
+    np.testing.assert_allclose(infer(agent, t, x).output, TFLiteModel(models["model.tflite"]).run(x), rtol=1e-6)
 
     fetches = len(t.on("fetch"))
     agent.handle_desired(_desired(sha, len(data), "dep-2", file="model-b.tflite", service="svc", stage=1, stages=1))
     assert len(t.on("fetch")) == fetches, "a new role for the installed bundle must not download it again"
     last = t.on("reported")[-1]
     assert (last.deployment_id, last.state) == ("dep-2", "active") and "no download" in last.detail
-    np.testing.assert_allclose(_infer(agent, t, x).output, TFLiteModel(models["model-b.tflite"]).run(x), rtol=1e-6)
+    np.testing.assert_allclose(infer(agent, t, x).output, TFLiteModel(models["model-b.tflite"]).run(x), rtol=1e-6)
     assert t.on("status")[-1].active.file == "model-b.tflite" and t.on("status")[-1].active.service == "svc"
 
     # A restarted agent comes back in the same role.
-    t2 = Transport()
+    t2 = MemoryTransport(DEV)
     again = Agent(DEV, t2, DataDir(tmp_path))
     again.restore()
     assert again.active is not None and again.active.file == "model-b.tflite"
-    np.testing.assert_allclose(_infer(again, t2, x).output, TFLiteModel(models["model-b.tflite"]).run(x), rtol=1e-6)
+    np.testing.assert_allclose(infer(again, t2, x).output, TFLiteModel(models["model-b.tflite"]).run(x), rtol=1e-6)
 
     # A file the bundle does not hold is refused by name; the current role keeps serving.
     again.handle_desired(_desired(sha, len(data), "dep-3", file="nope.tflite"))
     last = t2.on("reported")[-1]
     assert last.state == "failed" and "has no model file 'nope.tflite'" in last.detail and "model-b.tflite" in last.detail
-    np.testing.assert_allclose(_infer(again, t2, x).output, TFLiteModel(models["model-b.tflite"]).run(x), rtol=1e-6)
+    np.testing.assert_allclose(infer(again, t2, x).output, TFLiteModel(models["model-b.tflite"]).run(x), rtol=1e-6)

@@ -10,41 +10,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.core import Agent
 from agent.machine import State
 from agent.slots import DataDir
-from sdk.protocol import frames, messages, topics
+from sdk.protocol import frames, messages
 from sdk.protocol.bundle import tensor_spec, write_bundle
 from sdk.protocol.runtime import TFLiteModel
+from tests.memory_agent import CHUNK, MemoryTransport, deliver, infer
 
 DEV = "pi-rollback"
-CHUNK = 4096
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes, Any]] = []
-
-    def start(self, on_connect: Any, on_message: Any) -> None:
-        on_connect()
-
-    def subscribe(self, topics: list[str], qos: int = 1) -> None:
-        pass
-
-    def unsubscribe(self, topics: list[str]) -> None:
-        pass
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, properties: Any = None) -> None:
-        self.published.append((topic, payload, properties))
-
-    def stop(self, final: Any = None, timeout: float = 5.0) -> None:
-        pass
-
-    def on(self, kind: str) -> list[Any]:
-        return [messages.decode(kind, p) for t, p, _ in self.published if t == topics.device(DEV, kind)]
 
 
 Version = tuple[bytes, str, bytes]  # bundle bytes, sha256, model bytes
@@ -77,21 +52,8 @@ def desire(agent: Agent, v: Version, dep: str) -> None:
     agent.handle_desired(messages.Desired(dep, sha, len(data), CHUNK, "m", "x").encode())
 
 
-def deliver(agent: Agent, t: Transport, v: Version, answered: int = 0) -> None:
-    """Play the server: answer every fetch with the chunks it asks for."""
-    data, sha, _ = v
-    count = -(-len(data) // CHUNK)
-    while answered < len(t.on("fetch")):
-        for i in t.on("fetch")[answered].indexes:
-            agent.handle_chunk(frames.Chunk(sha, i, count, data[i * CHUNK:(i + 1) * CHUNK]).encode())
-        answered += 1
-
-
-def infer(agent: Agent, t: Transport) -> np.ndarray:
-    props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = topics.client_responses("tester")
-    agent.handle_infer(frames.tensor_to_npy(np.ones((1, 4), np.float32)), props)
-    resp = frames.InferResponse.decode(t.published[-1][1])
+def answer(agent: Agent, t: MemoryTransport) -> np.ndarray:
+    resp = infer(agent, t, np.ones((1, 4), np.float32))
     assert resp.ok, resp.error
     return resp.output
 
@@ -101,23 +63,23 @@ def expected(v: Version) -> np.ndarray:
 
 
 @pytest.fixture
-def on_v2(versions: dict[str, Version], tmp_path: Path) -> tuple[Agent, Transport]:
+def on_v2(versions: dict[str, Version], tmp_path: Path) -> tuple[Agent, MemoryTransport]:
     """An agent that installed v1 (slot a) then v2 (slot b), both downloaded."""
-    t = Transport()
+    t = MemoryTransport(DEV)
     agent = Agent(DEV, t, DataDir(tmp_path))
     agent.transport.start(agent._on_connect, agent.on_message)
     for version, dep in (("1", "dep-1"), ("2", "dep-2")):
         n = len(t.on("fetch"))
         desire(agent, versions[version], dep)
-        deliver(agent, t, versions[version], n)
+        deliver(agent, t, *versions[version][:2], n)
         assert t.on("reported")[-1].state == "active"
     return agent, t
 
 
 def test_a_rollback_swaps_the_previous_slot_back_in_without_download(
-        on_v2: tuple[Agent, Transport], versions: dict[str, Version]) -> None:
+        on_v2: tuple[Agent, MemoryTransport], versions: dict[str, Version]) -> None:
     agent, t = on_v2
-    np.testing.assert_allclose(infer(agent, t), expected(versions["2"]), rtol=1e-6)
+    np.testing.assert_allclose(answer(agent, t), expected(versions["2"]), rtol=1e-6)
     fetches, reports = len(t.on("fetch")), len(t.on("reported"))
     desire(agent, versions["1"], "dep-1")
     assert len(t.on("fetch")) == fetches, "a rollback must not download anything"
@@ -126,7 +88,7 @@ def test_a_rollback_swaps_the_previous_slot_back_in_without_download(
     assert "is in slot a: re-checking it, no download" in new[0].detail
     assert new[-1].detail == "rolled back to slot a without download"
     assert agent.state is State.ACTIVE and agent.active.artifact == versions["1"][1]
-    np.testing.assert_allclose(infer(agent, t), expected(versions["1"]), rtol=1e-6)
+    np.testing.assert_allclose(answer(agent, t), expected(versions["1"]), rtol=1e-6)
     assert t.on("status")[-1].active.artifact == versions["1"][1]
     state = json.loads(agent.data.state_path.read_text())
     assert (state["active_slot"], state["previous_slot"]) == ("a", "b")
@@ -134,24 +96,24 @@ def test_a_rollback_swaps_the_previous_slot_back_in_without_download(
     # rolling forward again needs no download either, and a restart keeps what was chosen
     desire(agent, versions["2"], "dep-3")
     assert len(t.on("fetch")) == fetches and t.on("reported")[-1].detail == "rolled back to slot b without download"
-    again = Agent(DEV, Transport(), DataDir(agent.data.root))
+    again = Agent(DEV, MemoryTransport(DEV), DataDir(agent.data.root))
     again.restore()
     assert again.active is not None and (again.active.artifact, again.active.deployment_id) == (versions["2"][1], "dep-3")
 
 
 def test_an_unusable_previous_slot_is_downloaded_instead(
-        on_v2: tuple[Agent, Transport], versions: dict[str, Version]) -> None:
+        on_v2: tuple[Agent, MemoryTransport], versions: dict[str, Version]) -> None:
     agent, t = on_v2
     agent.data.slot_path("a").write_bytes(b"not a bundle any more")
     fetches = len(t.on("fetch"))
     desire(agent, versions["1"], "dep-1")
     assert len(t.on("fetch")) > fetches and t.on("reported")[-1].state == "downloading"
-    deliver(agent, t, versions["1"], fetches)
+    deliver(agent, t, *versions["1"][:2], fetches)
     assert t.on("reported")[-1].state == "active" and agent.active.artifact == versions["1"][1]
 
 
 def test_a_previous_model_that_fails_its_smoke_test_here_is_reported_and_the_current_one_serves(
-        on_v2: tuple[Agent, Transport], versions: dict[str, Version]) -> None:
+        on_v2: tuple[Agent, MemoryTransport], versions: dict[str, Version]) -> None:
     agent, t = on_v2
 
     def broken(data: bytes) -> Any:
@@ -164,5 +126,5 @@ def test_a_previous_model_that_fails_its_smoke_test_here_is_reported_and_the_cur
     desire(agent, versions["1"], "dep-1")
     last = t.on("reported")[-1]
     assert last.state == "failed" and "failed on this device" in last.detail
-    np.testing.assert_allclose(infer(agent, t), expected(versions["2"]), rtol=1e-6)
+    np.testing.assert_allclose(answer(agent, t), expected(versions["2"]), rtol=1e-6)
     assert json.loads(agent.data.state_path.read_text())["active_slot"] == "b"
