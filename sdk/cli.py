@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -40,9 +41,23 @@ SignOpt = Annotated[Path | None, typer.Option("--sign", metavar="KEY",
                                               help="Sign the bundle with this Ed25519 private key (edgectl keys generate).")]
 
 
+T = TypeVar("T")
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
     raise typer.Exit(code)
+
+
+def ask(server: str | None, token: str | None, call: Callable[[Any], T]) -> T:
+    """One request to the server: the answer, or one clear line and exit 1 on an edgectl error."""
+    from .client import ServerClient
+
+    try:
+        with ServerClient(server, token=token) as client:
+            return call(client)
+    except EdgeError as exc:
+        fail(str(exc))
 
 
 def emit_json(data: Any) -> None:
@@ -375,13 +390,8 @@ def print_service_push(svc: dict[str, Any] | None) -> None:
 @devices_app.command("list")
 def devices_list(server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Every device: online or not, model, deployment state, last seen."""
-    from .client import ServerClient
 
-    try:
-        with ServerClient(server, token=token) as client:
-            devices = client.devices()
-    except EdgeError as exc:
-        fail(str(exc))
+    devices = ask(server, token, lambda client: client.devices())
     if as_json:
         emit_json(devices)
         return
@@ -413,16 +423,11 @@ def devices_enroll(
     """Create (or rotate) DEVICE_ID's broker credentials; the password is shown once, in a file."""
     import os
 
-    from .client import ServerClient
 
     target = out_file or Path(f"{device_id}.password")
     if target.exists() and not force:
         fail(f"{target} exists; give another --out or --force")
-    try:
-        with ServerClient(server, token=token) as client:
-            creds = client.enroll(device_id)
-    except EdgeError as exc:
-        fail(str(exc))
+    creds = ask(server, token, lambda client: client.enroll(device_id))
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -446,13 +451,8 @@ def devices_revoke(
     token: TokenOpt = None,
 ) -> None:
     """Remove DEVICE_ID's broker credentials; the broker disconnects it."""
-    from .client import ServerClient
 
-    try:
-        with ServerClient(server, token=token) as client:
-            res = client.revoke(device_id)
-    except EdgeError as exc:
-        fail(str(exc))
+    res = ask(server, token, lambda client: client.revoke(device_id))
     out.print(f"revoked {device_id}'s broker credentials"
               + ("" if res["applied"] else " (copy DATA/broker/passwd to your broker and reload it)"),
               highlight=False, markup=False)
@@ -900,13 +900,8 @@ def print_rollout(ro: dict[str, Any]) -> None:
 @rollout_app.command("list")
 def rollout_list(server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Every rollout, newest first: phase, progress, and why it stopped."""
-    from .client import ServerClient
 
-    try:
-        with ServerClient(server, token=token) as client:
-            rows = client.rollouts()
-    except EdgeError as exc:
-        fail(str(exc))
+    rows = ask(server, token, lambda client: client.rollouts())
     if as_json:
         emit_json(rows)
         return
@@ -967,13 +962,8 @@ def rollout_show(
 
 
 def _rollout_action(action: str, rollout_id: str, server: str | None, token: str | None, as_json: bool) -> None:
-    from .client import ServerClient
 
-    try:
-        with ServerClient(server, token=token) as client:
-            ro = client.rollout_action(rollout_id, action)
-    except EdgeError as exc:
-        fail(str(exc))
+    ro = ask(server, token, lambda client: client.rollout_action(rollout_id, action))
     if as_json:
         emit_json(ro)
         return
