@@ -74,7 +74,7 @@ def _bundle(tmp: Path, tflite: bytes, version: str, x: np.ndarray, expected: np.
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    tf = pytest.importorskip("tensorflow")
+    import tensorflow as tf
     tf.keras.utils.set_random_seed(7)
     m = tf.keras.Sequential([tf.keras.Input(shape=(4,)), tf.keras.layers.Dense(3)])
     tflite = tf.lite.TFLiteConverter.from_keras_model(m).convert()

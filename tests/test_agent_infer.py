@@ -25,7 +25,7 @@ class NullTransport:
 
 @pytest.fixture(scope="module")
 def tflite() -> bytes:
-    tf = pytest.importorskip("tensorflow")
+    import tensorflow as tf
     tf.keras.utils.set_random_seed(3)
     m = tf.keras.Sequential([tf.keras.Input(shape=(4,)), tf.keras.layers.Dense(3)])
     return tf.lite.TFLiteConverter.from_keras_model(m).convert()

@@ -21,7 +21,7 @@ DEV = "pi-roles"
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, str, dict[str, bytes], np.ndarray]:
-    tf = pytest.importorskip("tensorflow")
+    import tensorflow as tf
     x = np.random.default_rng(1).random((2, 4), dtype=np.float32)
     models, files = {}, {}
     for i, name in enumerate(("model.tflite", "model-b.tflite")):

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_shared_loop_devices_deploy_and_answer(mosquitto: Any, tmp_path: Path) -> None:
-    tf = pytest.importorskip("tensorflow")
+    import tensorflow as tf
     tf.keras.utils.set_random_seed(11)
     m = tf.keras.Sequential([tf.keras.Input(shape=(4,)), tf.keras.layers.Dense(3)])
     tflite = tf.lite.TFLiteConverter.from_keras_model(m).convert()
