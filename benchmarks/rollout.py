@@ -34,43 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdk.infer import InferenceClient
 from sdk.localfleet import LocalFleet
-from sdk.protocol import frames, messages, topics
-from sdk.protocol.bundle import read_bundle, write_bundle
+from sdk.protocol import messages, topics
+from sdk.protocol.bundle import read_bundle
 from sdk.protocol.runtime import TFLiteModel
+from sdk.synthetic import conv_net, model_bundle, rebundle
 
 DEVICES = [f"pi-{i}" for i in range(1, 6)]
-
-
-def rebundle(src: Path, dst: Path, version: str, **replace: bytes) -> Path:
-    b = read_bundle(src)
-    write_bundle(dst, {k: v for k, v in b.manifest.items() if k != "files"} | {"version": version},
-                 {**b.files, **replace})
-    return dst
-
-
-def conv_net(convs: int) -> bytes:
-    """8x8x1 in, 10 classes out, random weights: upsampled to 32x32, then ``convs`` 3x3
-    convolutions of 48 filters (as in tests/test_rollout_e2e.py)."""
-    import tensorflow as tf
-
-    tf.keras.utils.set_random_seed(0)
-    inp = tf.keras.Input(shape=(8, 8, 1))
-    x = tf.keras.layers.UpSampling2D(4)(inp)
-    for _ in range(convs):
-        x = tf.keras.layers.Conv2D(48, 3, padding="same", activation="relu")(x)
-    x = tf.keras.layers.GlobalAveragePooling2D()(x)
-    out = tf.keras.layers.Dense(10, activation="softmax")(x)
-    return tf.lite.TFLiteConverter.from_keras_model(tf.keras.Model(inp, out)).convert()
-
-
-def model_bundle(path: Path, tflite: bytes, x: np.ndarray, version: str) -> Path:
-    model = TFLiteModel(tflite, num_threads=1)
-    manifest = {"name": "convnet", "version": version, "quantization": "none",
-                "model": {"file": "model.tflite", "inputs": [model.input_spec], "outputs": [model.output_spec]},
-                "sample": {"input": "sample_input.npy", "output": "sample_output.npy", "atol": 1e-4, "rtol": 1e-4}}
-    write_bundle(path, manifest, {"model.tflite": tflite, "sample_input.npy": frames.tensor_to_npy(x),
-                                  "sample_output.npy": frames.tensor_to_npy(model.run(x))})
-    return path
 
 
 def median_ms(tflite: bytes, x: np.ndarray, runs: int = 40) -> float:

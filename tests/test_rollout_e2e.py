@@ -32,8 +32,9 @@ from sdk.cli import app
 from sdk.infer import InferenceClient
 from sdk.localfleet import LocalFleet, wait_for
 from sdk.protocol import frames, messages, topics
-from sdk.protocol.bundle import read_bundle, write_bundle
+from sdk.protocol.bundle import read_bundle
 from sdk.protocol.runtime import TFLiteModel
+from sdk.synthetic import conv_net, model_bundle, rebundle
 
 runner = CliRunner()
 DEVICES = tuple(f"ro-{i}" for i in range(1, 7))
@@ -67,22 +68,6 @@ class Bundles:
         return read_bundle(getattr(self, name)).sha256
 
 
-def conv_net(convs: int) -> bytes:
-    """A TFLite CNN with the input (8x8x1) and output (10 classes) of the digits CNN and random
-    weights: upsampled to 32x32, then ``convs`` 3x3 convolutions of 48 filters (all but the first,
-    which sees one channel, cost the same), global average pooling, a dense softmax layer."""
-    import tensorflow as tf
-
-    tf.keras.utils.set_random_seed(0)
-    inp = tf.keras.Input(shape=(8, 8, 1))
-    x = tf.keras.layers.UpSampling2D(4)(inp)
-    for _ in range(convs):
-        x = tf.keras.layers.Conv2D(48, 3, padding="same", activation="relu")(x)
-    x = tf.keras.layers.GlobalAveragePooling2D()(x)
-    out = tf.keras.layers.Dense(10, activation="softmax")(x)
-    return tf.lite.TFLiteConverter.from_keras_model(tf.keras.Model(inp, out)).convert()
-
-
 def median_ms(models: list[TFLiteModel], x: np.ndarray, runs: int = 40) -> list[float]:
     """Median latency of each model, runs interleaved so that a busy moment of the (shared)
     host slows them alike."""
@@ -95,25 +80,6 @@ def median_ms(models: list[TFLiteModel], x: np.ndarray, runs: int = 40) -> list[
             m.run(x)
             t.append((time.perf_counter() - t0) * 1000)
     return [float(np.median(t)) for t in times]
-
-
-def model_bundle(path: Path, tflite: bytes, x: np.ndarray, version: str) -> Path:
-    """A bundle of one float32 model whose smoke test is its own output on ``x``."""
-    model = TFLiteModel(tflite, num_threads=1)
-    manifest = {"name": "convnet", "version": version, "quantization": "none",
-                "model": {"file": "model.tflite", "inputs": [model.input_spec], "outputs": [model.output_spec]},
-                "sample": {"input": "sample_input.npy", "output": "sample_output.npy", "atol": 1e-4, "rtol": 1e-4}}
-    write_bundle(path, manifest, {"model.tflite": tflite, "sample_input.npy": frames.tensor_to_npy(x),
-                                  "sample_output.npy": frames.tensor_to_npy(model.run(x))})
-    return path
-
-
-def rebundle(src: Path, dst: Path, version: str, **replace: bytes) -> Path:
-    """The same bundle under another version (a new artifact), some files replaced."""
-    b = read_bundle(src)
-    manifest = {k: v for k, v in b.manifest.items() if k != "files"} | {"version": version}
-    write_bundle(dst, manifest, {**b.files, **replace})
-    return dst
 
 
 @pytest.fixture(scope="module")
